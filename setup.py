@@ -1,0 +1,107 @@
+"""Builds partialconv_cuda._C.
+
+The C++ CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built when a CUDA
+toolkit (CUDA_HOME) and a CUDA build of torch are found, GPU or not, or when FORCE_CUDA=1.
+Environment:
+  FORCE_CUDA=1            build the CUDA kernels (fails clearly if they cannot be built)
+  TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0+PTX" when no GPU is visible
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+from packaging.version import Version
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def nvcc_version():
+    text = subprocess.check_output([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], text=True)
+    match = re.search(r"release (\d+\.\d+)", text)
+    if match is None:
+        raise RuntimeError(f"cannot read the nvcc version from:\n{text}")
+    return Version(match.group(1))
+
+
+def cuda_decision():
+    """(build CUDA?, why)."""
+    if env_flag("FORCE_CUDA"):
+        if CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
+        return True, "FORCE_CUDA=1"
+    if CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME to build the CUDA kernels)"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build"
+    return True, f"CUDA toolkit at {CUDA_HOME} and torch built with CUDA {torch.version.cuda}"
+
+
+def check_cuda_versions():
+    nvcc = nvcc_version()
+    if torch.version.cuda is None:
+        raise RuntimeError("the CUDA kernels need a CUDA build of torch; this torch is CPU-only")
+    torch_cuda = Version(torch.version.cuda)
+    if nvcc.major != torch_cuda.major:
+        raise RuntimeError(
+            f"nvcc {nvcc} (CUDA_HOME={CUDA_HOME}) does not match torch's CUDA {torch_cuda}: "
+            "the major versions must agree; point CUDA_HOME at a matching toolkit"
+        )
+    return nvcc
+
+
+def write_build_info(with_cuda, arch_list):
+    """Records what this build is, so that importing it under another torch fails clearly."""
+    info = ROOT / "partialconv_cuda" / "_build_info.py"
+    info.write_text(
+        "# Written by setup.py when partialconv_cuda._C was built; do not edit.\n"
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+        f"CUDA_ARCH_LIST = {arch_list!r}\n"
+    )
+
+
+def extension():
+    with_cuda, why = cuda_decision()
+    sources = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cpp", "*/*.cpp") for p in (ROOT / "csrc").glob(pattern))
+    cxx_flags = ["-O3"]
+    arch_list = None
+    if with_cuda:
+        nvcc = check_cuda_versions()
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+        print(f"partialconv_cuda: building CPU + CUDA kernels ({why}); nvcc {nvcc}, "
+              f"TORCH_CUDA_ARCH_LIST={arch_list}")
+        ext = CUDAExtension(
+            "partialconv_cuda._C",
+            sources,
+            extra_compile_args={
+                "cxx": cxx_flags,
+                # -Xptxas -v prints registers, spills and shared memory of every kernel.
+                "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"],
+            },
+        )
+    else:
+        print(f"partialconv_cuda: building CPU kernels only ({why})")
+        ext = CppExtension("partialconv_cuda._C", sources, extra_compile_args={"cxx": cxx_flags})
+    print(f"partialconv_cuda: torch {torch.__version__}, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset (ninja default)')}")
+    write_build_info(with_cuda, arch_list)
+    return ext
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
