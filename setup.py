@@ -41,6 +41,8 @@ def cuda_decision():
         return True, "FORCE_CUDA=1"
     if CUDA_HOME is None:
         return False, "no CUDA toolkit found (set CUDA_HOME to build the CUDA kernels)"
+    if not (Path(CUDA_HOME) / "include" / "cuda_runtime.h").exists():
+        return False, f"CUDA_HOME={CUDA_HOME} holds no CUDA toolkit (no include/cuda_runtime.h); set CUDA_HOME"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} is a CPU-only build"
     return True, f"CUDA toolkit at {CUDA_HOME} and torch built with CUDA {torch.version.cuda}"

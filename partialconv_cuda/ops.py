@@ -130,6 +130,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_output, _grad_updated_mask, _grad_mask_sum):
     input, mask, weight, out, mask_sum = ctx.saved_tensors
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_output, input, weight)):
+        raise NotImplementedError(
+            "partial_conv2d: double backward (autograd.grad(..., create_graph=True) through the "
+            "layer) is not supported; use partialconv_cuda.partial_conv2d_reference for "
+            "higher-order gradients"
+        )
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
     grad_input, grad_weight, grad_bias = torch.ops.partialconv_cuda.partial_conv2d_backward(

@@ -26,6 +26,19 @@ namespace {
 // Elements of one packed column buffer (K x positions); bounds the scratch memory per call.
 constexpr int64_t kColumnBufferElements = int64_t(1) << 20;
 
+// Work items per parallel task are sized so that each task does at least this many inner
+// iterations; small problems then run inline instead of paying for a thread wake-up.
+constexpr int64_t kMinWorkPerTask = int64_t(1) << 15;
+
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(work_per_item, 1));
+}
+
+// Output positions packed per GEMM: as many as fit the column buffer, at least 64, at most P.
+int64_t column_chunk(int64_t reduction_size, int64_t positions) {
+  return std::max<int64_t>(1, std::min(positions, std::max<int64_t>(64, kColumnBufferElements / reduction_size)));
+}
+
 // A 4-D tensor read through its strides, so expanded, sliced and channels_last tensors need no
 // copy.
 template <typename T>
@@ -73,8 +86,8 @@ void compute_mask_sums(const at::Tensor& mask, const ConvGeometry& g, at::Tensor
   scalar_t* update = updated_mask.mutable_data_ptr<scalar_t>();
   const int64_t P = g.out_positions();
   const acc_t window_size = acc_t(g.window_size());
-  const int64_t channels = std::max<int64_t>(g.mask_channels, 1);
-  at::parallel_for(0, g.mask_batch * P, 256, [&](int64_t begin, int64_t end) {
+  const int64_t channels = std::max<int64_t>(g.mask_channels, 1), taps = g.taps();
+  at::parallel_for(0, g.mask_batch * P, grain(channels * taps), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i % P;
       const acc_t s = window_mask_sum<acc_t, scalar_t, int64_t>(
@@ -93,7 +106,7 @@ void pack_masked_columns(const Strided4d<const scalar_t>& x, const Strided4d<con
                          const int64_t* positions, int64_t count, acc_t* cols) {
   const int64_t taps = g.taps();
   const int64_t cin_g = g.in_channels_per_group();
-  at::parallel_for(0, cin_g * taps, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, cin_g * taps, grain(count), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const int64_t c = group * cin_g + k / taps;
       const int64_t ky = (k % taps) / g.kernel_w, kx = k % g.kernel_w;
@@ -136,7 +149,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
   const at::Tensor w = weight.to(acc_options.dtype()).contiguous().view({g.out_channels, K});
   const at::Tensor b = bias.defined() ? bias.to(acc_options.dtype()).contiguous() : at::Tensor();
   const acc_t* bias_data = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
-  const int64_t chunk = std::clamp<int64_t>(kColumnBufferElements / K, 64, P);
+  const int64_t chunk = column_chunk(K, P);
   const at::Tensor cols_buffer = at::empty({K * chunk}, acc_options);
   const at::Tensor conv_buffer = at::empty({cout_g * chunk}, acc_options);
 
@@ -162,7 +175,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
                                              cols.data_ptr<acc_t>());
         at::mm_out(conv, w_g, cols);
         const acc_t* conv_data = conv.const_data_ptr<acc_t>();
-        at::parallel_for(0, cout_g, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, cout_g, grain(count), [&](int64_t begin, int64_t end) {
           for (int64_t co = begin; co < end; ++co) {
             const int64_t c = group * cout_g + co;
             const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
@@ -177,7 +190,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
       }
     }
     // Windows without a valid pixel: output 0, no matrix work.
-    at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.out_channels, grain(P - order.valid), [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c)
         for (int64_t j = order.valid; j < P; ++j) {
           const int64_t p = order.positions[j];
@@ -194,6 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cpu(
     double negative_slope) {
   const ForwardProblem problem = check_forward_args(input, mask, weight, bias, stride, padding,
                                                     dilation, groups, activation, negative_slope);
+  const at::NoGradGuard no_grad;  // the scratch GEMMs below are not part of any autograd graph
   auto [output, updated_mask, mask_sum] = allocate_forward_outputs(input, problem.geometry);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "partial_conv2d_forward_cpu", [&] {
@@ -218,7 +232,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
   const int64_t P = g.out_positions(), K = g.reduction_size(), taps = g.taps();
   const int64_t cout_g = g.out_channels_per_group(), cin_g = g.in_channels_per_group();
   const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t chunk = std::clamp<int64_t>(kColumnBufferElements / K, 64, std::max<int64_t>(P, 1));
+  const int64_t chunk = column_chunk(K, P);
 
   const at::Tensor w = weight.to(acc_options.dtype()).contiguous().view({g.out_channels, K});
   const at::Tensor grad_conv_buffer = at::empty({cout_g * chunk}, acc_options);
@@ -251,7 +265,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
         const int64_t* positions = order.positions.data() + start;
         at::Tensor grad_conv = scratch_matrix(grad_conv_buffer, cout_g, count);
         acc_t* grad_conv_data = grad_conv.data_ptr<acc_t>();
-        at::parallel_for(0, cout_g, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, cout_g, grain(count), [&](int64_t begin, int64_t end) {
           for (int64_t co = begin; co < end; ++co) {
             const int64_t c = group * cout_g + co;
             acc_t bias_sum = acc_t(0);
@@ -277,7 +291,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
           at::mm_out(grad_cols, w_g.t(), grad_conv);
           const acc_t* grad_cols_data = grad_cols.const_data_ptr<acc_t>();
           // col2im: each input channel is owned by one thread, so the sums need no atomics.
-          at::parallel_for(0, cin_g, 1, [&](int64_t begin, int64_t end) {
+          at::parallel_for(0, cin_g, grain(taps * count), [&](int64_t begin, int64_t end) {
             for (int64_t ci = begin; ci < end; ++ci) {
               acc_t* plane = grad_image_data + (group * cin_g + ci) * g.in_height * g.in_width;
               for (int64_t t = 0; t < taps; ++t) {
@@ -300,7 +314,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
     }
     if (need_input) {
       // d(X*M)/dX = M; a hole gets exactly 0.
-      at::parallel_for(0, g.in_channels, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.in_channels, grain(g.in_height * g.in_width), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           acc_t* plane = grad_image_data + c * g.in_height * g.in_width;
           const int64_t mc = g.multi_channel_mask() ? c : 0;
@@ -328,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
   const ForwardProblem problem =
       check_backward_args(grad_output, input, mask, weight, output, mask_sum, stride, padding,
                           dilation, groups, activation, negative_slope);
+  const at::NoGradGuard no_grad;
   auto [grad_input, grad_weight, grad_bias] =
       allocate_backward_outputs(input, weight, output_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(

@@ -1,0 +1,40 @@
+"""`python -m partialconv_cuda.info`: what this build of partialconv_cuda is and can run."""
+import torch
+
+from . import __version__
+from ._extension import build_info
+
+OPS = ("partialconv_cuda::partial_conv2d_forward", "partialconv_cuda::partial_conv2d_backward")
+BACKENDS = ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA")
+
+
+def compiled_kernels():
+    """{op: [dispatch keys with a registered kernel]}, read from torch's dispatcher."""
+    return {
+        op: [key for key in BACKENDS if torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+        for op in OPS
+    }
+
+
+def summary():
+    lines = [
+        f"partialconv_cuda {__version__}",
+        f"torch {torch.__version__} (built against torch {build_info.TORCH_VERSION})",
+        f"CUDA kernels built: {'yes' if build_info.WITH_CUDA else 'no'}"
+        + (f" (torch CUDA {build_info.TORCH_CUDA_VERSION}, TORCH_CUDA_ARCH_LIST={build_info.CUDA_ARCH_LIST})"
+           if build_info.WITH_CUDA else ""),
+    ]
+    for op, keys in compiled_kernels().items():
+        lines.append(f"  {op}: {', '.join(keys) or 'none'}")
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            lines.append(f"GPU {index}: {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
+    else:
+        lines.append("GPU: none visible (CUDA ops cannot run here)")
+    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(summary())

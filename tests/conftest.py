@@ -1,0 +1,51 @@
+"""Shared test helpers: random problems, masks, and the CUDA marker."""
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_mask(kind, n, channels, height, width, *, generator, dtype=torch.float64, hole_ratio=0.4):
+    """A mask of the given kind: None, 'single' (N,1,H,W), 'multi' (N,C,H,W), 'soft' (values in
+    [0, 1] with exact zeros), 'batch1' (1,1,H,W), 'batch1_multi' (1,C,H,W), 'empty' (all holes)."""
+    if kind is None:
+        return None
+    shape = {
+        "single": (n, 1, height, width),
+        "multi": (n, channels, height, width),
+        "soft": (n, 1, height, width),
+        "batch1": (1, 1, height, width),
+        "batch1_multi": (1, channels, height, width),
+        "empty": (n, 1, height, width),
+    }[kind]
+    if kind == "empty":
+        return torch.zeros(shape, dtype=dtype)
+    valid = (torch.rand(shape, generator=generator) >= hole_ratio).to(dtype)
+    if kind == "soft":
+        valid = valid * torch.rand(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return valid
+
+
+def random_problem(*, n=2, cin=4, cout=6, size=(9, 11), kernel=(3, 3), groups=1, bias=True,
+                   mask="single", dtype=torch.float64, seed=0, hole_ratio=0.4):
+    """(input, mask, weight, bias) on CPU, random (never zeros)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, *size, generator=generator, dtype=torch.float64).to(dtype)
+    w = torch.randn(cout, cin // groups, *kernel, generator=generator, dtype=torch.float64).to(dtype)
+    b = torch.randn(cout, generator=generator, dtype=torch.float64).to(dtype) if bias else None
+    m = random_mask(mask, n, cin, *size, generator=generator, dtype=dtype, hole_ratio=hole_ratio)
+    return x, m, w, b
+
+
+def to_device(tensors, device):
+    return [None if t is None else t.to(device) for t in tensors]

@@ -1,0 +1,117 @@
+"""Gradients: gradcheck in float64, and agreement with autograd through the reference."""
+import pytest
+import torch
+
+from conftest import DEVICES, random_problem, to_device
+from partialconv_cuda import partial_conv2d, partial_conv2d_reference
+from test_forward import CASES
+
+GRADCHECK_CASES = [
+    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None),
+    dict(kernel=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, mask="multi", activation="relu"),
+    dict(kernel=(5, 5), stride=(2, 2), padding=(2, 2), dilation=(1, 1), groups=1, mask="soft", activation="leaky_relu"),
+    dict(kernel=(1, 3), stride=(1, 2), padding=(0, 1), dilation=(1, 1), groups=1, mask=None, activation=None),
+    dict(kernel=(3, 3), stride=(1, 1), padding=(2, 2), dilation=(2, 2), groups=2, mask="batch1_multi", activation="leaky_relu"),
+    dict(kernel=(2, 2), stride=(2, 2), padding=(0, 0), dilation=(1, 1), groups=1, mask="batch1", activation="relu"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: f"k{c['kernel']}-g{c['groups']}-{c['mask']}-{c['activation']}")
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(case, bias, device):
+    x, m, w, b = to_device(
+        random_problem(n=2, cin=4, cout=4, size=(7, 6), kernel=case["kernel"], groups=case["groups"],
+                       bias=bias, mask=case["mask"], seed=7),
+        device,
+    )
+    kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "activation")}
+    kwargs["negative_slope"] = 0.1
+    inputs = [t.requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+
+    def fn(x, w, b=None):
+        return partial_conv2d(x, m, w, b, **kwargs)[0]
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_reference_autograd(device):
+    """Every grid case: grad_input, grad_weight, grad_bias equal autograd through the reference."""
+    for i, case in enumerate(CASES[:42]):
+        x, m, w, b = to_device(
+            random_problem(n=case["n"], cin=case["cin"], cout=case["cout"], size=case["size"],
+                           kernel=case["kernel"], groups=case["groups"], bias=True,
+                           mask=case["mask"], seed=i),
+            device,
+        )
+        kwargs = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                      groups=case["groups"], activation=case["activation"], negative_slope=0.2)
+        grads = []
+        for fn in (partial_conv2d, partial_conv2d_reference):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+            out, _ = fn(leaves[0], m, leaves[1], leaves[2], **kwargs)
+            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(i),
+                                   dtype=out.dtype).to(device)
+            out.backward(upstream)
+            grads.append([t.grad for t in leaves])
+        for ours, ref in zip(*grads):
+            torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_gets_no_gradient_and_holes_get_zero(device):
+    x, m, w, b = to_device(random_problem(n=2, cin=3, cout=4, size=(8, 8), mask="single"), device)
+    x.requires_grad_()
+    m.requires_grad_()
+    out, _ = partial_conv2d(x, m, w, b, padding=1)
+    out.sum().backward()  # an expanded (stride 0) grad_output
+    assert m.grad is None
+    holes = (m == 0).expand_as(x)
+    assert (x.grad[holes] == 0).all() and (x.grad[~holes] != 0).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_in_holes_gives_finite_gradients(device):
+    x, m, w, b = to_device(random_problem(n=2, cin=3, cout=4, size=(8, 8), mask="single"), device)
+    x = x.masked_fill(m == 0, float("nan")).requires_grad_()
+    w.requires_grad_()
+    out, _ = partial_conv2d(x, m, w, b, padding=1)
+    out.square().sum().backward()
+    assert x.grad.isfinite().all() and w.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_only_requested_gradients(device):
+    x, m, w, b = to_device(random_problem(n=2, cin=2, cout=2, size=(5, 5)), device)
+    w.requires_grad_()
+    out, _ = partial_conv2d(x, m, w, b, padding=1)
+    (grad_w,) = torch.autograd.grad(out.sum(), [w])
+    ref, _ = partial_conv2d_reference(x, m, w, b, padding=1)
+    (ref_w,) = torch.autograd.grad(ref.sum(), [w])
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_is_a_clear_error():
+    x, m, w, b = random_problem(n=1, cin=2, cout=2, size=(5, 5))
+    x.requires_grad_()
+    out, _ = partial_conv2d(x, m, w, b, padding=1)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_gradients(dtype):
+    x, m, w, b = random_problem(n=2, cin=4, cout=5, size=(9, 9), mask="single", dtype=dtype, seed=5)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    out, _ = partial_conv2d(x, m, w, b, padding=1, activation="leaky_relu")
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(upstream)
+    exact = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref, _ = partial_conv2d_reference(exact[0], m.double(), exact[1], exact[2], padding=1, activation="leaky_relu")
+    ref.backward(upstream.double())
+    eps = torch.finfo(dtype).eps
+    for ours, expected in zip(leaves, exact):
+        assert ours.grad.dtype == dtype
+        scale = expected.grad.abs().amax()
+        torch.testing.assert_close(ours.grad.double(), expected.grad, rtol=4 * eps, atol=4 * eps * scale)

@@ -1,0 +1,39 @@
+"""`python -m partialconv_cuda.info` and the build record."""
+import subprocess
+import sys
+
+import torch
+
+import partialconv_cuda
+from partialconv_cuda import info
+
+
+def test_info_reports_the_build():
+    text = subprocess.run([sys.executable, "-m", "partialconv_cuda.info"], check=True,
+                          capture_output=True, text=True).stdout
+    assert f"torch {torch.__version__}" in text
+    assert "partialconv_cuda::partial_conv2d_forward: CPU" in text
+    assert "CUDA kernels built: " + ("yes" if partialconv_cuda._extension.build_info.WITH_CUDA else "no") in text
+
+
+def test_kernels_registered():
+    kernels = info.compiled_kernels()
+    assert "CPU" in kernels["partialconv_cuda::partial_conv2d_forward"]
+    assert "CPU" in kernels["partialconv_cuda::partial_conv2d_backward"]
+    assert "AutocastCPU" in kernels["partialconv_cuda::partial_conv2d_forward"]
+    if partialconv_cuda._extension.build_info.WITH_CUDA:
+        assert "CUDA" in kernels["partialconv_cuda::partial_conv2d_forward"]
+
+
+def test_import_under_another_torch_fails_clearly(tmp_path):
+    """A build record naming another torch makes the import fail with the rebuild command."""
+    package = tmp_path / "partialconv_cuda"
+    package.mkdir()
+    source = partialconv_cuda._extension.__file__
+    (package / "__init__.py").write_text("from . import _extension\n")
+    (package / "_extension.py").write_text(open(source).read())
+    (package / "_build_info.py").write_text("TORCH_VERSION = '1.0.0'\n")
+    result = subprocess.run([sys.executable, "-c", "import partialconv_cuda"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "built against torch 1.0.0" in result.stderr and "--no-build-isolation" in result.stderr
