@@ -54,7 +54,7 @@ at::MemoryFormat output_memory_format(const at::Tensor& input) {
              : at::MemoryFormat::Contiguous;
 }
 
-at::ScalarType mask_sum_dtype(at::ScalarType input_dtype) {
+at::ScalarType mask_scales_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
@@ -150,7 +150,7 @@ ForwardProblem check_backward_args(const at::Tensor& grad_output, const at::Tens
                                    const std::optional<at::Tensor>& mask,
                                    const at::Tensor& weight,
                                    const std::optional<at::Tensor>& output,
-                                   const at::Tensor& mask_sum, at::IntArrayRef stride,
+                                   const at::Tensor& mask_scales, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation,
                                    int64_t groups, std::string_view activation,
                                    double negative_slope) {
@@ -170,16 +170,16 @@ ForwardProblem check_backward_args(const at::Tensor& grad_output, const at::Tens
                       shape_string(*output));
     check_same_dtype_and_device(*output, "output", input);
   }
-  const std::vector<int64_t> sum_shape{g.mask_batch, 1, g.out_height, g.out_width};
-  TORCH_CHECK_VALUE(mask_sum.sizes() == at::IntArrayRef(sum_shape), "partial_conv2d_backward: ",
-                    "expected mask_sum of shape ", at::IntArrayRef(sum_shape), ", got ",
-                    shape_string(mask_sum));
-  TORCH_CHECK_TYPE(mask_sum.scalar_type() == mask_sum_dtype(input.scalar_type()),
-                   "partial_conv2d_backward: expected mask_sum of dtype ",
-                   mask_sum_dtype(input.scalar_type()), ", got ", mask_sum.scalar_type());
-  TORCH_CHECK_VALUE(mask_sum.device() == input.device(), "partial_conv2d_backward: expected ",
-                    "mask_sum on the input's device ", input.device(), ", got ",
-                    mask_sum.device());
+  const std::vector<int64_t> scales_shape{g.mask_batch, 2, g.out_height, g.out_width};
+  TORCH_CHECK_VALUE(mask_scales.sizes() == at::IntArrayRef(scales_shape),
+                    "partial_conv2d_backward: expected mask_scales of shape ",
+                    at::IntArrayRef(scales_shape), ", got ", shape_string(mask_scales));
+  TORCH_CHECK_TYPE(mask_scales.scalar_type() == mask_scales_dtype(input.scalar_type()),
+                   "partial_conv2d_backward: expected mask_scales of dtype ",
+                   mask_scales_dtype(input.scalar_type()), ", got ", mask_scales.scalar_type());
+  TORCH_CHECK_VALUE(mask_scales.device() == input.device(), "partial_conv2d_backward: expected ",
+                    "mask_scales on the input's device ", input.device(), ", got ",
+                    mask_scales.device());
   return problem;
 }
 
@@ -189,9 +189,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at
       at::empty({g.batch, g.out_channels, g.out_height, g.out_width},
                 input.options().memory_format(output_memory_format(input)));
   at::Tensor updated_mask = at::empty({g.mask_batch, 1, g.out_height, g.out_width}, input.options());
-  at::Tensor mask_sum = at::empty({g.mask_batch, 1, g.out_height, g.out_width},
-                                  input.options().dtype(mask_sum_dtype(input.scalar_type())));
-  return {output, updated_mask, mask_sum};
+  at::Tensor mask_scales = at::empty({g.mask_batch, 2, g.out_height, g.out_width},
+                                     input.options().dtype(mask_scales_dtype(input.scalar_type())));
+  return {output, updated_mask, mask_scales};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
@@ -207,19 +207,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
 }  // namespace partialconv
 
 TORCH_LIBRARY(partialconv_cuda, m) {
-  // output: (N, C_out, H', W'); updated_mask and mask_sum: (N or 1, 1, H', W'), one value per
-  // output position (the Python wrapper expands the mask to C_out channels for multi-channel
-  // masks). mask_sum (the window sum S, float32 or float64) is all backward needs of the mask.
+  // output: (N, C_out, H', W'); updated_mask: (N or 1, 1, H', W'), one value per output position
+  // (the Python wrapper expands it to C_out channels for multi-channel masks); mask_scales:
+  // (N or 1, 2, H', W') in float32 (float64 for float64 input), the ratio and the update U, which
+  // is all backward needs of the mask besides M.
   m.def(
       "partial_conv2d_forward(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, str activation, "
-      "float negative_slope) -> (Tensor output, Tensor updated_mask, Tensor mask_sum)",
+      "float negative_slope) -> (Tensor output, Tensor updated_mask, Tensor mask_scales)",
       {at::Tag::pt2_compliant_tag});
   // output is the forward output (read only when activation != 'none'); output_mask selects
   // (grad_input, grad_weight, grad_bias); a gradient not asked for is returned undefined (None).
   m.def(
       "partial_conv2d_backward(Tensor grad_output, Tensor input, Tensor? mask, Tensor weight, "
-      "Tensor? output, Tensor mask_sum, int[2] stride, int[2] padding, int[2] dilation, "
+      "Tensor? output, Tensor mask_scales, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, str activation, float negative_slope, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});

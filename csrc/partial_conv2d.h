@@ -34,7 +34,7 @@ ForwardProblem check_backward_args(const at::Tensor& grad_output, const at::Tens
                                    const std::optional<at::Tensor>& mask,
                                    const at::Tensor& weight,
                                    const std::optional<at::Tensor>& output,
-                                   const at::Tensor& mask_sum, at::IntArrayRef stride,
+                                   const at::Tensor& mask_scales, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation,
                                    int64_t groups, std::string_view activation,
                                    double negative_slope);
@@ -43,10 +43,13 @@ ForwardProblem check_backward_args(const at::Tensor& grad_output, const at::Tens
 // contiguous); the fake kernel in partialconv_cuda/ops.py applies the same rule.
 at::MemoryFormat output_memory_format(const at::Tensor& input);
 
-// dtype of the saved window sums: float32 for float16/bfloat16/float32 input, float64 for float64.
-at::ScalarType mask_sum_dtype(at::ScalarType input_dtype);
+// dtype of the saved mask scales: float32 for float16/bfloat16/float32 input, float64 for
+// float64.
+at::ScalarType mask_scales_dtype(at::ScalarType input_dtype);
 
-// Empty outputs of the right shapes and layouts: (output, updated_mask, mask_sum).
+// Empty outputs of the right shapes and layouts: (output, updated_mask, mask_scales), where
+// mask_scales is (mask_batch, 2, H', W'): channel 0 the ratio, channel 1 the update U, all that
+// backward needs of the mask besides M itself (no division left for backward to do).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& input,
                                                                         const ConvGeometry& g);
 

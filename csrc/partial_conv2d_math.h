@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(PCONV_CUDA_EMULATION)
 #define PCONV_HOST_DEVICE __host__ __device__ __forceinline__
@@ -23,28 +24,76 @@ namespace partialconv {
 
 enum class Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
 
-// Everything the kernels need to know about one call, filled by the argument checks.
-struct ConvGeometry {
-  int64_t batch, in_channels, in_height, in_width;
-  int64_t out_channels, kernel_h, kernel_w;
-  int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
-  int64_t out_height, out_width;
+// Everything the kernels need to know about one call, filled by the argument checks. The CUDA
+// kernels convert it to their index type (int32 while every offset fits, else int64).
+template <typename index_t>
+struct ConvShape {
+  index_t batch, in_channels, in_height, in_width;
+  index_t out_channels, kernel_h, kernel_w;
+  index_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
+  index_t out_height, out_width;
   // mask_batch: 1 or batch (an absent mask is an all-ones mask of batch 1).
   // mask_channels: 0 for an absent mask, 1 for a single-channel mask, in_channels for a
   // multi-channel one.
-  int64_t mask_batch, mask_channels;
+  index_t mask_batch, mask_channels;
 
-  PCONV_HOST_DEVICE int64_t in_channels_per_group() const { return in_channels / groups; }
-  PCONV_HOST_DEVICE int64_t out_channels_per_group() const { return out_channels / groups; }
-  PCONV_HOST_DEVICE int64_t taps() const { return kernel_h * kernel_w; }
-  // Reduction length of the matrix product: (Cin/groups) * kh * kw.
-  PCONV_HOST_DEVICE int64_t reduction_size() const { return in_channels_per_group() * taps(); }
-  PCONV_HOST_DEVICE int64_t out_positions() const { return out_height * out_width; }
+  template <typename other_t>
+  PCONV_HOST_DEVICE ConvShape<other_t> as() const {
+    return {other_t(batch),      other_t(in_channels), other_t(in_height),  other_t(in_width),
+            other_t(out_channels), other_t(kernel_h),  other_t(kernel_w),   other_t(stride_h),
+            other_t(stride_w),   other_t(pad_h),       other_t(pad_w),      other_t(dilation_h),
+            other_t(dilation_w), other_t(groups),      other_t(out_height), other_t(out_width),
+            other_t(mask_batch), other_t(mask_channels)};
+  }
+  PCONV_HOST_DEVICE index_t in_channels_per_group() const { return in_channels / groups; }
+  PCONV_HOST_DEVICE index_t out_channels_per_group() const { return out_channels / groups; }
+  PCONV_HOST_DEVICE index_t taps() const { return kernel_h * kernel_w; }
+  // Reduction length of the forward matrix product: (Cin/groups) * kh * kw.
+  PCONV_HOST_DEVICE index_t reduction_size() const { return in_channels_per_group() * taps(); }
+  PCONV_HOST_DEVICE index_t out_positions() const { return out_height * out_width; }
   PCONV_HOST_DEVICE bool multi_channel_mask() const { return mask_channels > 1; }
   // winsize of the formula: every element the mask window covers.
-  PCONV_HOST_DEVICE int64_t window_size() const {
-    return (multi_channel_mask() ? in_channels : 1) * taps();
+  PCONV_HOST_DEVICE index_t window_size() const {
+    return (multi_channel_mask() ? in_channels : index_t(1)) * taps();
   }
+};
+
+using ConvGeometry = ConvShape<int64_t>;
+
+// Division by a divisor fixed for a whole launch, as a multiply-high and a shift (Granlund and
+// Montgomery): GPUs have no integer divide instruction, and 64-bit division is a subroutine call.
+// For 1 <= d < 2^(B-1) in a B-bit signed index type, with l = ceil(log2 d) and
+// m = floor(2^B * (2^l - d) / d) + 1, n / d == (mulhi(n, m) + n) >> l for every 0 <= n < 2^(B-1).
+template <typename index_t>
+struct Divider {
+  using unsigned_t = typename std::make_unsigned<index_t>::type;
+  index_t divisor;
+  unsigned_t multiplier;
+  int shift;
+
+  static Divider make(index_t d) {  // host side, once per launch
+    Divider v{d, 0, 0};
+    while ((unsigned_t(1) << v.shift) < unsigned_t(d)) ++v.shift;
+    using wide_t = typename std::conditional<sizeof(index_t) == 4, uint64_t, unsigned __int128>::type;
+    constexpr int bits = 8 * sizeof(index_t);
+    v.multiplier = unsigned_t(((wide_t(1) << bits) * ((wide_t(1) << v.shift) - wide_t(d))) / wide_t(d) + 1);
+    return v;
+  }
+
+  PCONV_HOST_DEVICE static unsigned_t mulhi(unsigned_t a, unsigned_t b) {
+#ifdef __CUDA_ARCH__
+    if constexpr (sizeof(index_t) == 4) return __umulhi(a, b);
+    else return __umul64hi(a, b);
+#else
+    using wide_t = typename std::conditional<sizeof(index_t) == 4, uint64_t, unsigned __int128>::type;
+    return unsigned_t((wide_t(a) * wide_t(b)) >> (8 * sizeof(index_t)));
+#endif
+  }
+
+  PCONV_HOST_DEVICE index_t div(index_t n) const {
+    return index_t((mulhi(unsigned_t(n), multiplier) + unsigned_t(n)) >> shift);
+  }
+  PCONV_HOST_DEVICE index_t mod(index_t n) const { return n - div(n) * divisor; }
 };
 
 // Output extent of a convolution; below 1 means the window does not fit.
@@ -67,18 +116,35 @@ PCONV_HOST_DEVICE acc_t masked_value(acc_t x, acc_t m) {
   return m == acc_t(0) ? acc_t(0) : x * m;
 }
 
+// a / b for b >= 1. On the GPU without IEEE division, whose slow-path subroutine call makes ptxas
+// spill registers in the kernels that use it: a reciprocal estimate, Newton steps, and a final
+// residual correction give the quotient to within an ulp (in practice correctly rounded).
+template <typename T>
+PCONV_HOST_DEVICE T divide_by_at_least_one(T a, T b) {
+#ifdef __CUDA_ARCH__
+  T r = T(__fdividef(1.0f, float(b)));
+  r = fma(fma(-b, r, T(1)), r, r);
+  if (sizeof(T) > sizeof(float)) r = fma(fma(-b, r, T(1)), r, r);
+  const T q = a * r;
+  return fma(fma(-b, q, a), r, q);
+#else
+  return a / b;
+#endif
+}
+
 template <typename acc_t>
 struct MaskScale {
   acc_t ratio;   // winsize / S * U, 0 where S == 0
   acc_t update;  // U = clamp(S, 0, 1)
 };
 
+// winsize / S * U == winsize / max(S, 1) for S > 0 (U = S below 1): the divisor is never below 1.
 template <typename acc_t>
 PCONV_HOST_DEVICE MaskScale<acc_t> mask_scale(acc_t mask_sum, acc_t window_size) {
   MaskScale<acc_t> s{acc_t(0), acc_t(0)};
   if (mask_sum > acc_t(0)) {
     s.update = mask_sum < acc_t(1) ? mask_sum : acc_t(1);
-    s.ratio = window_size / mask_sum * s.update;
+    s.ratio = divide_by_at_least_one(window_size, mask_sum < acc_t(1) ? acc_t(1) : mask_sum);
   }
   return s;
 }
@@ -121,47 +187,31 @@ PCONV_HOST_DEVICE OutputGrad<acc_t> partial_conv_output_grad(acc_t g, acc_t z, M
   return {gb * s.ratio, gb};
 }
 
-// Half-open range [begin, end) of kernel taps k whose input coordinate
-// o*stride - pad + k*dilation lies inside [0, extent).
-template <typename index_t>
-struct TapRange {
-  index_t begin, end;
-};
-
-template <typename index_t>
-PCONV_HOST_DEVICE TapRange<index_t> valid_taps(index_t o, index_t kernel, index_t stride,
-                                              index_t pad, index_t dilation, index_t extent) {
-  const index_t first = o * stride - pad;  // input coordinate of tap 0
-  // smallest k with first + k*dilation >= 0
-  index_t begin = first >= 0 ? index_t(0) : (-first + dilation - 1) / dilation;
-  // largest k with first + k*dilation <= extent - 1, plus one
-  index_t end = first > extent - 1 ? index_t(0) : (extent - 1 - first) / dilation + 1;
-  if (end > kernel) end = kernel;
-  if (begin > end) begin = end;
-  return {begin, end};
-}
-
 // S at output position (oy, ox) of one mask image. `mask` points at that image's first element
 // and is read through its strides (expanded, channels_last and sliced masks need no copy);
 // `channels` is 1 for a single-channel mask and Cin for a multi-channel one.
 // A null mask is all ones: S is then the number of taps inside the image.
+// Threads that share one window pass part/parts: each sums the channels c == part (mod parts),
+// and the parts add up to S.
 template <typename acc_t, typename scalar_t, typename index_t>
 PCONV_HOST_DEVICE acc_t window_mask_sum(const scalar_t* mask, index_t channels, index_t stride_c,
-                                        index_t stride_h, index_t stride_w, const ConvGeometry& g,
-                                        index_t oy, index_t ox) {
-  const TapRange<index_t> ty = valid_taps<index_t>(oy, g.kernel_h, g.stride_h, g.pad_h,
-                                                   g.dilation_h, g.in_height);
-  const TapRange<index_t> tx = valid_taps<index_t>(ox, g.kernel_w, g.stride_w, g.pad_w,
-                                                   g.dilation_w, g.in_width);
-  if (mask == nullptr) return acc_t((ty.end - ty.begin) * (tx.end - tx.begin));
+                                        index_t stride_h, index_t stride_w,
+                                        const ConvShape<index_t>& g, index_t oy, index_t ox,
+                                        index_t part = 0,
+                                        index_t parts = 1) {
   acc_t sum = acc_t(0);
-  for (index_t c = 0; c < channels; ++c) {
-    for (index_t ky = ty.begin; ky < ty.end; ++ky) {
-      const index_t iy = input_coord<index_t>(oy, ky, g.stride_h, g.pad_h, g.dilation_h);
-      for (index_t kx = tx.begin; kx < tx.end; ++kx) {
-        const index_t ix = input_coord<index_t>(ox, kx, g.stride_w, g.pad_w, g.dilation_w);
-        sum += acc_t(mask[c * stride_c + iy * stride_h + ix * stride_w]);
+  for (index_t ky = 0; ky < g.kernel_h; ++ky) {
+    const index_t iy = input_coord<index_t>(oy, ky, g.stride_h, g.pad_h, g.dilation_h);
+    if (iy < 0 || iy >= g.in_height) continue;
+    for (index_t kx = 0; kx < g.kernel_w; ++kx) {
+      const index_t ix = input_coord<index_t>(ox, kx, g.stride_w, g.pad_w, g.dilation_w);
+      if (ix < 0 || ix >= g.in_width) continue;
+      if (mask == nullptr) {
+        sum += part == 0 ? acc_t(1) : acc_t(0);
+        continue;
       }
+      for (index_t c = part; c < channels; c += parts)
+        sum += acc_t(mask[c * stride_c + iy * stride_h + ix * stride_w]);
     }
   }
   return sum;

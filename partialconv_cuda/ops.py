@@ -98,13 +98,13 @@ def _forward_fake(input, mask, weight, bias, stride, padding, dilation, groups, 
         memory_format=_output_memory_format(input),
     )
     updated_mask = input.new_empty((mask_batch, 1, out_h, out_w))
-    sum_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    mask_sum = input.new_empty((mask_batch, 1, out_h, out_w), dtype=sum_dtype)
-    return output, updated_mask, mask_sum
+    scales_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    mask_scales = input.new_empty((mask_batch, 2, out_h, out_w), dtype=scales_dtype)
+    return output, updated_mask, mask_scales
 
 
 @torch.library.register_fake("partialconv_cuda::partial_conv2d_backward")
-def _backward_fake(grad_output, input, mask, weight, output, mask_sum, stride, padding, dilation,
+def _backward_fake(grad_output, input, mask, weight, output, mask_scales, stride, padding, dilation,
                    groups, activation, negative_slope, output_mask):
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
@@ -119,17 +119,17 @@ def _backward_fake(grad_output, input, mask, weight, output, mask_sum, stride, p
 
 def _setup_context(ctx, inputs, output):
     input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
-    out, _, mask_sum = output
+    out, _, mask_scales = output
     ctx.conv_args = (stride, padding, dilation, groups, activation, negative_slope)
     ctx.has_bias = bias is not None
-    # The mask only reaches backward through its window sums and as the factor M of grad_input;
-    # the activation's derivative is read off the output.
-    ctx.save_for_backward(input, mask, weight, out if activation != "none" else None, mask_sum)
-    ctx.mark_non_differentiable(output[1], mask_sum)
+    # The mask only reaches backward through its per-position scales and as the factor M of
+    # grad_input; the activation's derivative is read off the output.
+    ctx.save_for_backward(input, mask, weight, out if activation != "none" else None, mask_scales)
+    ctx.mark_non_differentiable(output[1], mask_scales)
 
 
-def _backward(ctx, grad_output, _grad_updated_mask, _grad_mask_sum):
-    input, mask, weight, out, mask_sum = ctx.saved_tensors
+def _backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
+    input, mask, weight, out, mask_scales = ctx.saved_tensors
     if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_output, input, weight)):
         raise NotImplementedError(
             "partial_conv2d: double backward (autograd.grad(..., create_graph=True) through the "
@@ -139,7 +139,7 @@ def _backward(ctx, grad_output, _grad_updated_mask, _grad_mask_sum):
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
     grad_input, grad_weight, grad_bias = torch.ops.partialconv_cuda.partial_conv2d_backward(
-        grad_output, input, mask, weight, out, mask_sum, *ctx.conv_args, output_mask
+        grad_output, input, mask, weight, out, mask_scales, *ctx.conv_args, output_mask
     )
     return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None
 

@@ -75,18 +75,18 @@ def test_layer_errors():
 
 def test_backward_op_checks_its_inputs():
     args = good()
-    out, _, mask_sum = torch.ops.partialconv_cuda.partial_conv2d_forward(
+    out, _, mask_scales = torch.ops.partialconv_cuda.partial_conv2d_forward(
         args["input"], args["mask"], args["weight"], args["bias"], [1, 1], [1, 1], [1, 1], 2, "none", 0.0)
     backward = torch.ops.partialconv_cuda.partial_conv2d_backward
     common = (args["input"], args["mask"], args["weight"], None)
     with pytest.raises(ValueError, match=r"expected grad_output of shape \[2, 6, 8, 8\]"):
-        backward(out[:, :3], *common, mask_sum, [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
-    with pytest.raises(ValueError, match=r"expected mask_sum of shape \[2, 1, 8, 8\]"):
-        backward(out, *common, mask_sum[:1], [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
-    with pytest.raises(TypeError, match="expected mask_sum of dtype Float"):
-        backward(out, *common, mask_sum.double(), [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
+        backward(out[:, :3], *common, mask_scales, [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
+    with pytest.raises(ValueError, match=r"expected mask_scales of shape \[2, 2, 8, 8\]"):
+        backward(out, *common, mask_scales[:1], [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
+    with pytest.raises(TypeError, match="expected mask_scales of dtype Float"):
+        backward(out, *common, mask_scales.double(), [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])
     with pytest.raises(ValueError, match="the forward output is needed"):
-        backward(out, *common, mask_sum, [1, 1], [1, 1], [1, 1], 2, "relu", 0.0, [True, True, True])
+        backward(out, *common, mask_scales, [1, 1], [1, 1], [1, 1], 2, "relu", 0.0, [True, True, True])
 
 
 @pytest.mark.cuda

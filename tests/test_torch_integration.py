@@ -38,10 +38,10 @@ def test_opcheck_backward(device):
     for args in forward_samples(device):
         x, m, w, b, stride, padding, dilation, groups, activation, slope = args
         with torch.no_grad():
-            out, _, mask_sum = FORWARD(*args)
+            out, _, mask_scales = FORWARD(*args)
         grad = torch.randn_like(out)
         for output_mask in ([True, True, True], [True, False, False], [False, True, b is not None]):
-            torch.library.opcheck(BACKWARD, (grad, x.detach(), m, w.detach(), out, mask_sum, stride, padding,
+            torch.library.opcheck(BACKWARD, (grad, x.detach(), m, w.detach(), out, mask_scales, stride, padding,
                                              dilation, groups, activation, slope, output_mask))
 
 

@@ -1,9 +1,9 @@
 // CPU kernels of partial_conv2d.
 //
 // Forward, per image and group: window sums S come straight from the mask (no second
-// convolution); the output positions with S > 0 are packed im2col-style with the mask applied
-// (X*M never exists as a tensor, holes give exact zeros), multiplied by the weight in one GEMM per
-// chunk of positions, and one epilogue applies ratio, bias, mask update and activation. Positions
+// convolution) and are saved as ratio and U for backward; the output positions with S > 0 are
+// packed im2col-style with the mask applied (X*M never exists as a tensor, holes give exact
+// zeros), multiplied by the weight in one GEMM per chunk of positions, and one epilogue applies ratio, bias, mask update and activation. Positions
 // with S == 0 skip the matrix product and are written as zeros.
 // Backward reuses the packing: grad_conv = grad_out * act' * ratio * U is formed chunk by chunk,
 // grad_weight += grad_conv @ cols^T, and grad_input gathers W^T @ grad_conv back through the
@@ -58,31 +58,46 @@ struct Strided4d {
   T* image(int64_t a) const { return data == nullptr ? nullptr : data + a * s0; }
 };
 
-// Output positions of one mask image, those with S > 0 first (in raster order), then the holes.
+// The saved scales of one mask image: ratio[p] and update[p] for its P output positions.
+template <typename acc_t>
+struct ImageScales {
+  const acc_t* ratio;
+  const acc_t* update;
+  MaskScale<acc_t> operator[](int64_t p) const { return {ratio[p], update[p]}; }
+};
+
+template <typename acc_t>
+ImageScales<acc_t> image_scales(const at::Tensor& mask_scales, int64_t nm, int64_t P) {
+  const acc_t* image = mask_scales.const_data_ptr<acc_t>() + nm * 2 * P;
+  return {image, image + P};
+}
+
+// Output positions of one mask image, those whose window sees a valid pixel (U > 0) first, in
+// raster order, then the holes.
 struct PositionOrder {
   std::vector<int64_t> positions;
   int64_t valid = 0;
 };
 
 template <typename acc_t>
-PositionOrder order_positions(const acc_t* mask_sum, int64_t count) {
+PositionOrder order_positions(ImageScales<acc_t> scales, int64_t count) {
   PositionOrder order;
   order.positions.reserve(count);
   for (int64_t p = 0; p < count; ++p)
-    if (mask_sum[p] > acc_t(0)) order.positions.push_back(p);
+    if (scales.update[p] > acc_t(0)) order.positions.push_back(p);
   order.valid = static_cast<int64_t>(order.positions.size());
   for (int64_t p = 0; p < count; ++p)
-    if (!(mask_sum[p] > acc_t(0))) order.positions.push_back(p);
+    if (!(scales.update[p] > acc_t(0))) order.positions.push_back(p);
   return order;
 }
 
-// S and U for every output position of every mask image.
+// Window sums S, and from them ratio and U, for every output position of every mask image.
 template <typename scalar_t>
-void compute_mask_sums(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_sum,
-                       at::Tensor& updated_mask) {
+void compute_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_scales,
+                         at::Tensor& updated_mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const Strided4d<const scalar_t> m(mask);
-  acc_t* sums = mask_sum.mutable_data_ptr<acc_t>();
+  acc_t* scales = mask_scales.mutable_data_ptr<acc_t>();
   scalar_t* update = updated_mask.mutable_data_ptr<scalar_t>();
   const int64_t P = g.out_positions();
   const acc_t window_size = acc_t(g.window_size());
@@ -90,10 +105,14 @@ void compute_mask_sums(const at::Tensor& mask, const ConvGeometry& g, at::Tensor
   at::parallel_for(0, g.mask_batch * P, grain(channels * taps), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i % P;
-      const acc_t s = window_mask_sum<acc_t, scalar_t, int64_t>(
-          m.image(i / P), channels, m.s1, m.s2, m.s3, g, p / g.out_width, p % g.out_width);
-      sums[i] = s;
-      update[i] = static_cast<scalar_t>(mask_scale(s, window_size).update);
+      const int64_t nm = i / P;
+      const MaskScale<acc_t> scale = mask_scale(
+          window_mask_sum<acc_t, scalar_t, int64_t>(m.image(nm), channels, m.s1, m.s2, m.s3, g,
+                                                    p / g.out_width, p % g.out_width),
+          window_size);
+      scales[(2 * nm) * P + p] = scale.ratio;
+      scales[(2 * nm + 1) * P + p] = scale.update;
+      update[i] = static_cast<scalar_t>(scale.update);
     }
   });
 }
@@ -137,10 +156,10 @@ at::Tensor scratch_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
                     const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
-                    at::Tensor& updated_mask, at::Tensor& mask_sum) {
+                    at::Tensor& updated_mask, at::Tensor& mask_scales) {
   using acc_t = at::opmath_type<scalar_t>;
   const ConvGeometry& g = problem.geometry;
-  compute_mask_sums<scalar_t>(mask, g, mask_sum, updated_mask);
+  compute_mask_scales<scalar_t>(mask, g, mask_scales, updated_mask);
   if (output.numel() == 0) return;
 
   const int64_t P = g.out_positions(), K = g.reduction_size();
@@ -155,15 +174,13 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
 
   const Strided4d<const scalar_t> x(input), m(mask);
   const Strided4d<scalar_t> out(output);
-  const acc_t* sums = mask_sum.const_data_ptr<acc_t>();
-  const acc_t window_size = acc_t(g.window_size());
   const acc_t slope = acc_t(problem.negative_slope);
 
   PositionOrder order;
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    if (n == 0 || nm != 0) order = order_positions(sums + nm * P, P);
-    const acc_t* s_img = sums + nm * P;
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    if (n == 0 || nm != 0) order = order_positions(scales, P);
     for (int64_t group = 0; group < g.groups; ++group) {
       const at::Tensor w_g = w.narrow(0, group * cout_g, cout_g);
       for (int64_t start = 0; start < order.valid; start += chunk) {
@@ -182,7 +199,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
             for (int64_t j = 0; j < count; ++j) {
               const int64_t p = positions[j];
               out(n, c, p / g.out_width, p % g.out_width) = static_cast<scalar_t>(
-                  partial_conv_output(conv_data[co * count + j], mask_scale(s_img[p], window_size),
+                  partial_conv_output(conv_data[co * count + j], scales[p],
                                       bias_c, problem.activation, slope));
             }
           }
@@ -208,22 +225,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cpu(
   const ForwardProblem problem = check_forward_args(input, mask, weight, bias, stride, padding,
                                                     dilation, groups, activation, negative_slope);
   const at::NoGradGuard no_grad;  // the scratch GEMMs below are not part of any autograd graph
-  auto [output, updated_mask, mask_sum] = allocate_forward_outputs(input, problem.geometry);
+  auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, problem.geometry);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "partial_conv2d_forward_cpu", [&] {
                                     forward_kernel<scalar_t>(input, mask.value_or(at::Tensor()),
                                                              weight, bias.value_or(at::Tensor()),
                                                              problem, output, updated_mask,
-                                                             mask_sum);
+                                                             mask_scales);
                                   });
-  return {output, updated_mask, mask_sum};
+  return {output, updated_mask, mask_scales};
 }
 
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mask,
                      const at::Tensor& weight, const at::Tensor& output,
-                     const at::Tensor& mask_sum, const ForwardProblem& problem,
+                     const at::Tensor& mask_scales, const ForwardProblem& problem,
                      std::array<bool, 3> output_mask, at::Tensor& grad_input,
                      at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -246,17 +263,15 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
 
   const Strided4d<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const Strided4d<scalar_t> gin(grad_input);
-  const acc_t* sums = mask_sum.const_data_ptr<acc_t>();
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
   acc_t* grad_image_data = grad_image.data_ptr<acc_t>();
-  const acc_t window_size = acc_t(g.window_size());
   const acc_t slope = acc_t(problem.negative_slope);
 
   PositionOrder order;
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    if (n == 0 || nm != 0) order = order_positions(sums + nm * P, P);
-    const acc_t* s_img = sums + nm * P;
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    if (n == 0 || nm != 0) order = order_positions(scales, P);
     for (int64_t group = 0; group < g.groups; ++group) {
       const at::Tensor w_g = w.narrow(0, group * cout_g, cout_g);
       // Positions with S == 0 have a zero gradient scale: they are skipped like in forward.
@@ -273,7 +288,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
               const int64_t p = positions[j], oy = p / g.out_width, ox = p % g.out_width;
               const OutputGrad<acc_t> og = partial_conv_output_grad(
                   acc_t(gout(n, c, oy, ox)), z.data ? acc_t(z(n, c, oy, ox)) : acc_t(0),
-                  mask_scale(s_img[p], window_size), problem.activation, slope);
+                  scales[p], problem.activation, slope);
               grad_conv_data[co * count + j] = og.conv;
               bias_sum += og.bias;
             }
@@ -336,11 +351,11 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& mask,
     const at::Tensor& weight, const std::optional<at::Tensor>& output,
-    const at::Tensor& mask_sum, at::IntArrayRef stride, at::IntArrayRef padding,
+    const at::Tensor& mask_scales, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
     double negative_slope, std::array<bool, 3> output_mask) {
   const ForwardProblem problem =
-      check_backward_args(grad_output, input, mask, weight, output, mask_sum, stride, padding,
+      check_backward_args(grad_output, input, mask, weight, output, mask_scales, stride, padding,
                           dilation, groups, activation, negative_slope);
   const at::NoGradGuard no_grad;
   auto [grad_input, grad_weight, grad_bias] =
@@ -351,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cpu(
                                   problem.activation == Activation::kNone
                                       ? at::Tensor()
                                       : output.value_or(at::Tensor()),
-                                  mask_sum.contiguous(), problem, output_mask, grad_input,
+                                  mask_scales.contiguous(), problem, output_mask, grad_input,
                                   grad_weight, grad_bias);
       });
   return {grad_input, grad_weight, grad_bias};

@@ -1,0 +1,194 @@
+// CUDA backend of partial_conv2d: checks, device guard, current stream, dtype and index-width
+// dispatch, launches (each one checked). The kernels are in partial_conv2d_kernels.cuh.
+// Everything here is capturable in a CUDA graph: no host synchronisation, and the only
+// allocations (outputs, the grad_weight workspace) go through the caching allocator.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <initializer_list>
+#include <limits>
+
+#include "../partial_conv2d.h"
+#include "partial_conv2d_kernels.cuh"
+
+namespace partialconv {
+namespace {
+
+// 32-bit indexing while every offset and row count stays below this (the margin covers a tile's
+// overhang past the last row).
+constexpr int64_t kInt32IndexLimit = std::numeric_limits<int32_t>::max() - 4096;
+
+template <typename T>
+cuda::TensorArg<T> tensor_arg(const at::Tensor& t) {
+  cuda::TensorArg<T> arg;
+  if (!t.defined()) return arg;
+  arg.data = static_cast<T*>(t.data_ptr());
+  for (int d = 0; d < 4; ++d) arg.strides[d] = t.stride(d);
+  return arg;
+}
+
+// One past the largest element offset a kernel can form in t.
+int64_t offset_extent(const at::Tensor& t) {
+  if (!t.defined()) return 0;
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+  return extent;
+}
+
+bool needs_64bit_indexing(std::initializer_list<at::Tensor> tensors,
+                          std::initializer_list<int64_t> counts) {
+  for (const at::Tensor& t : tensors)
+    if (offset_extent(t) > kInt32IndexLimit) return true;
+  for (const int64_t count : counts)
+    if (count > kInt32IndexLimit) return true;
+  return false;
+}
+
+int64_t multiprocessor_count(int device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+void check_cuda_limits(const ConvGeometry& g) {
+  TORCH_CHECK_VALUE(g.groups <= 65535, "partial_conv2d (CUDA): expected groups <= 65535, got ",
+                    g.groups);
+  TORCH_CHECK_VALUE(g.out_channels <= std::numeric_limits<int32_t>::max(),
+                    "partial_conv2d (CUDA): too many output channels: ", g.out_channels);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
+    const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    double negative_slope) {
+  const ForwardProblem problem = check_forward_args(input, mask, weight, bias, stride, padding,
+                                                    dilation, groups, activation, negative_slope);
+  const ConvGeometry& g = problem.geometry;
+  check_cuda_limits(g);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, g);
+  const at::Tensor mask_t = mask.value_or(at::Tensor());
+  const at::Tensor bias_t = bias.value_or(at::Tensor());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool wide = needs_64bit_indexing(
+      {input, mask_t, weight, output, mask_scales},
+      {std::max(g.batch, g.mask_batch) * g.out_positions(), g.reduction_size()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv2d_forward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const cuda::ForwardArgs<scalar_t, acc_t> args{
+            g,
+            problem.activation,
+            acc_t(problem.negative_slope),
+            tensor_arg<const scalar_t>(input),
+            tensor_arg<const scalar_t>(mask_t),
+            tensor_arg<const scalar_t>(weight),
+            bias_t.defined() ? bias_t.const_data_ptr<scalar_t>() : nullptr,
+            tensor_arg<scalar_t>(output),
+            updated_mask.mutable_data_ptr<scalar_t>(),
+            mask_scales.mutable_data_ptr<acc_t>()};
+        if (wide)
+          cuda::launch_forward<scalar_t, acc_t, int64_t>(args, stream);
+        else
+          cuda::launch_forward<scalar_t, acc_t, int32_t>(args, stream);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {output, updated_mask, mask_scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& mask,
+    const at::Tensor& weight, const std::optional<at::Tensor>& output,
+    const at::Tensor& mask_scales_in, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    double negative_slope, std::array<bool, 3> output_mask) {
+  const ForwardProblem problem =
+      check_backward_args(grad_output, input, mask, weight, output, mask_scales_in, stride, padding,
+                          dilation, groups, activation, negative_slope);
+  const ConvGeometry& g = problem.geometry;
+  check_cuda_limits(g);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  auto [grad_input, grad_weight, grad_bias] = allocate_backward_outputs(input, weight, output_mask);
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const at::Tensor mask_t = mask.value_or(at::Tensor());
+  const at::Tensor output_t =
+      problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
+  const at::Tensor mask_scales = mask_scales_in.contiguous();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool empty = g.batch == 0;
+  const int64_t splits =
+      need_weight && !empty ? cuda::grad_weight_splits(g, multiprocessor_count(input.get_device()))
+                            : 0;
+  const at::Tensor workspace =
+      need_weight && !empty
+          ? at::empty({cuda::grad_weight_workspace_elements(g, splits)},
+                      input.options().dtype(mask_scales_dtype(input.scalar_type())))
+          : at::Tensor();
+  const bool wide = needs_64bit_indexing(
+      {grad_output, input, mask_t, weight, output_t, mask_scales, grad_input, workspace},
+      {g.batch * g.in_height * g.in_width, g.batch * g.out_positions(), g.reduction_size(),
+       g.out_channels_per_group() * g.taps()});
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv2d_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const cuda::BackwardArgs<scalar_t, acc_t> args{
+            g,
+            problem.activation,
+            acc_t(problem.negative_slope),
+            tensor_arg<const scalar_t>(grad_output),
+            tensor_arg<const scalar_t>(input),
+            tensor_arg<const scalar_t>(mask_t),
+            tensor_arg<const scalar_t>(weight),
+            tensor_arg<const scalar_t>(output_t),
+            mask_scales.const_data_ptr<acc_t>(),
+            tensor_arg<scalar_t>(grad_input),
+            grad_weight.defined() ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr,
+            grad_bias.defined() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr,
+            workspace.defined() ? workspace.mutable_data_ptr<acc_t>() : nullptr,
+            splits};
+        const auto launch_all = [&](auto index_tag) {
+          using index_t = decltype(index_tag);
+          if (need_input && !empty) {
+            cuda::launch_grad_input<scalar_t, acc_t, index_t>(args, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          if (need_weight && !empty) {
+            cuda::launch_grad_weight_partials<scalar_t, acc_t, index_t>(args, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            cuda::launch_grad_weight_reduce<scalar_t, acc_t, index_t>(args, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+          if (need_bias && !empty && g.out_channels > 0) {
+            cuda::launch_grad_bias<scalar_t, acc_t, index_t>(args, stream);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        };
+        if (wide)
+          launch_all(int64_t{});
+        else
+          launch_all(int32_t{});
+      });
+  if (empty) {
+    if (need_weight) grad_weight.zero_();
+    if (need_bias) grad_bias.zero_();
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(partialconv_cuda, CUDA, m) {
+  m.impl("partial_conv2d_forward", TORCH_FN(partial_conv2d_forward_cuda));
+  m.impl("partial_conv2d_backward", TORCH_FN(partial_conv2d_backward_cuda));
+}
+
+}  // namespace partialconv
