@@ -123,15 +123,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
       problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
   const at::Tensor mask_scales = mask_scales_in.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool empty = g.batch == 0;
+  const bool weight_kernels = need_weight && g.out_channels > 0;
   const int64_t splits =
-      need_weight && !empty ? cuda::grad_weight_splits(g, multiprocessor_count(input.get_device()))
-                            : 0;
+      weight_kernels ? cuda::grad_weight_splits(g, multiprocessor_count(input.get_device())) : 0;
   const at::Tensor workspace =
-      need_weight && !empty
-          ? at::empty({cuda::grad_weight_workspace_elements(g, splits)},
-                      input.options().dtype(mask_scales_dtype(input.scalar_type())))
-          : at::Tensor();
+      weight_kernels ? at::empty({cuda::grad_weight_workspace_elements(g, splits)},
+                                 input.options().dtype(mask_scales_dtype(input.scalar_type())))
+                     : at::Tensor();
   const bool wide = needs_64bit_indexing(
       {grad_output, input, mask_t, weight, output_t, mask_scales, grad_input, workspace},
       {g.batch * g.in_height * g.in_width, g.batch * g.out_positions(), g.reduction_size(),
@@ -155,32 +153,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
             grad_bias.defined() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr,
             workspace.defined() ? workspace.mutable_data_ptr<acc_t>() : nullptr,
             splits};
-        const auto launch_all = [&](auto index_tag) {
-          using index_t = decltype(index_tag);
-          if (need_input && !empty) {
-            cuda::launch_grad_input<scalar_t, acc_t, index_t>(args, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-          if (need_weight && !empty) {
-            cuda::launch_grad_weight_partials<scalar_t, acc_t, index_t>(args, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            cuda::launch_grad_weight_reduce<scalar_t, acc_t, index_t>(args, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-          if (need_bias && !empty && g.out_channels > 0) {
-            cuda::launch_grad_bias<scalar_t, acc_t, index_t>(args, stream);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          }
-        };
+        const auto check_launch = [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); };
         if (wide)
-          launch_all(int64_t{});
+          cuda::launch_backward<scalar_t, acc_t, int64_t>(args, need_input, need_weight,
+                                                          need_bias, stream, check_launch);
         else
-          launch_all(int32_t{});
+          cuda::launch_backward<scalar_t, acc_t, int32_t>(args, need_input, need_weight,
+                                                          need_bias, stream, check_launch);
       });
-  if (empty) {
-    if (need_weight) grad_weight.zero_();
-    if (need_bias) grad_bias.zero_();
-  }
   return {grad_input, grad_weight, grad_bias};
 }
 

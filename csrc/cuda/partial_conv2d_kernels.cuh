@@ -553,8 +553,7 @@ __global__ void __launch_bounds__(kBiasThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Launchers: one kernel each, so the caller can check every launch. Under nvcc they use <<<>>>,
-// under the host emulation the emulator's launch.
+// Launchers. Under nvcc they use <<<>>>, under the host emulation the emulator's launch.
 
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
@@ -569,6 +568,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 
 template <typename Gemm>
 void launch_gemm(const Gemm& gemm, int64_t grid_z, cudaStream_t stream) {
+  if (gemm.rows == 0) return;  // nothing to compute, and a grid of size 0 is an invalid launch
   // At least one column tile, so the forward prologue still writes the mask outputs when
   // C_out == 0.
   const int64_t col_tiles = ceil_div<int64_t>(int64_t(gemm.cols), kBlockCols);
@@ -577,47 +577,45 @@ void launch_gemm(const Gemm& gemm, int64_t grid_z, cudaStream_t stream) {
   launch_kernel(implicit_gemm_kernel<Gemm>, grid, dim3(kThreads), stream, gemm);
 }
 
-// Needs rows > 0: max(N, mask_batch) * H' * W'.
 template <typename scalar_t, typename acc_t, typename index_t>
 void launch_forward(const ForwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
   launch_gemm(ForwardGemm<scalar_t, acc_t, index_t>(args), args.geometry.groups, stream);
 }
 
-// Needs N > 0.
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_grad_input(const BackwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
-  launch_gemm(GradInputGemm<scalar_t, acc_t, index_t>(args), args.geometry.groups, stream);
-}
-
-// Needs N > 0; then launch_grad_weight_reduce.
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_grad_weight_partials(const BackwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
-  launch_gemm(GradWeightGemm<scalar_t, acc_t, index_t>(args),
-              args.geometry.groups * args.grad_weight_splits, stream);
-}
-
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_grad_weight_reduce(const BackwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
+// The backward kernels for the gradients asked for; after_launch() runs after every launch (the
+// CUDA glue checks the launch there). An empty batch needs no special case: grad_weight and
+// grad_bias then reduce over nothing and come out zero.
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void launch_backward(const BackwardArgs<scalar_t, acc_t>& args, bool need_input, bool need_weight,
+                     bool need_bias, cudaStream_t stream, AfterLaunch&& after_launch) {
   const ConvGeometry& g = args.geometry;
-  const int64_t total = g.out_channels * g.reduction_size();
-  const int64_t blocks = ceil_div<int64_t>(total, 256);
-  launch_kernel(grad_weight_reduce_kernel<scalar_t, acc_t, index_t>,
-                dim3(unsigned(blocks < 65535 ? blocks : 65535)), dim3(256), stream,
-                args.grad_weight_partials, args.grad_weight,
-                Divider<index_t>::make(index_t(g.out_channels_per_group() * g.reduction_size())),
-                index_t(total), int(args.grad_weight_splits));
-}
-
-// Needs C_out > 0.
-template <typename scalar_t, typename acc_t, typename index_t>
-void launch_grad_bias(const BackwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
-  const ConvShape<index_t> g = args.geometry.template as<index_t>();
-  const ScaledOutputGrad<scalar_t, acc_t, index_t> output_grad{
-      g, args.grad_output.template as<index_t>(), args.output.template as<index_t>(),
-      args.mask_scales, args.activation, args.negative_slope};
-  launch_kernel(grad_bias_kernel<scalar_t, acc_t, index_t>, dim3(unsigned(g.out_channels)),
-                dim3(kBiasThreads), stream, output_grad, Dividers<index_t>::make(g),
-                args.grad_bias);
+  if (need_input && g.batch > 0) {
+    launch_gemm(GradInputGemm<scalar_t, acc_t, index_t>(args), g.groups, stream);
+    after_launch();
+  }
+  if (need_weight && g.out_channels > 0) {
+    launch_gemm(GradWeightGemm<scalar_t, acc_t, index_t>(args), g.groups * args.grad_weight_splits,
+                stream);
+    after_launch();
+    const int64_t total = g.out_channels * g.reduction_size();
+    const int64_t blocks = ceil_div<int64_t>(total, 256);
+    launch_kernel(grad_weight_reduce_kernel<scalar_t, acc_t, index_t>,
+                  dim3(unsigned(blocks < 65535 ? blocks : 65535)), dim3(256), stream,
+                  args.grad_weight_partials, args.grad_weight,
+                  Divider<index_t>::make(index_t(g.out_channels_per_group() * g.reduction_size())),
+                  index_t(total), int(args.grad_weight_splits));
+    after_launch();
+  }
+  if (need_bias && g.out_channels > 0) {
+    const ConvShape<index_t> shape = g.template as<index_t>();
+    const ScaledOutputGrad<scalar_t, acc_t, index_t> output_grad{
+        shape, args.grad_output.template as<index_t>(), args.output.template as<index_t>(),
+        args.mask_scales, args.activation, args.negative_slope};
+    launch_kernel(grad_bias_kernel<scalar_t, acc_t, index_t>, dim3(unsigned(g.out_channels)),
+                  dim3(kBiasThreads), stream, output_grad, Dividers<index_t>::make(shape),
+                  args.grad_bias);
+    after_launch();
+  }
 }
 
 }  // namespace cuda
