@@ -1,0 +1,127 @@
+"""CUDA-only checks (the shared grid in the other files also runs on CUDA through DEVICES):
+CPU/CUDA agreement on large shapes, 64-bit indexing, CUDA graphs, streams, determinism."""
+import pytest
+import torch
+
+from conftest import random_problem
+from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv2d_reference
+
+pytestmark = pytest.mark.cuda
+
+
+def cuda_copy(tensors):
+    return [None if t is None else t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [
+    dict(n=4, cin=64, cout=128, size=(64, 64), kernel=(5, 5), stride=2, padding=2, mask="single"),
+    dict(n=2, cin=256, cout=96, size=(33, 47), kernel=(3, 3), stride=1, padding=1, mask="multi"),
+    dict(n=3, cin=3, cout=64, size=(128, 96), kernel=(7, 7), stride=2, padding=3, mask="batch1"),
+], ids=["5x5-s2", "3x3-multi", "7x7-batch1-mask"])
+def test_cpu_and_cuda_agree_on_large_shapes(shape, dtype):
+    x, m, w, b = random_problem(n=shape["n"], cin=shape["cin"], cout=shape["cout"], size=shape["size"],
+                                kernel=shape["kernel"], mask=shape["mask"], dtype=dtype, seed=1)
+    kwargs = dict(stride=shape["stride"], padding=shape["padding"], activation="leaky_relu", negative_slope=0.2)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+        mask = m.to(device)
+        out, updated = partial_conv2d(leaves[0], mask, leaves[1], leaves[2], **kwargs)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
+        out.backward(upstream)
+        results.append([out, updated] + [t.grad for t in leaves])
+    tol = dict(rtol=1e-11, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-4)
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda.cpu(), cpu, **tol)
+
+
+def test_past_2_31_elements_uses_64bit_indexing():
+    """An input of more than 2^31 elements: offsets past int32 must be right. Compared with the
+    reference on a crop at the far end of the tensor."""
+    n, c, h, w = 2, 4, 16384, 16400  # 2.15e9 elements, 4.3 GB in float16
+    assert n * c * h * w > 2**31
+    x = torch.empty(n, c, h, w, dtype=torch.float16, device="cuda")
+    x.normal_(generator=torch.Generator("cuda").manual_seed(0))
+    mask = (torch.rand(1, 1, h, w, device="cuda") > 0.3).half()
+    weight = torch.randn(2, c, 3, 3, device="cuda").half()
+    bias = torch.randn(2, device="cuda").half()
+    out, _ = partial_conv2d(x, mask, weight, bias, padding=1)
+    crop = (slice(n - 1, n), slice(None), slice(h - 40, h), slice(w - 40, w))
+    ref, _ = partial_conv2d_reference(x[crop].double(), mask[:, :, h - 40:, w - 40:].double(),
+                                      weight.double(), bias.double(), padding=1)
+    # the crop's own border is padding for the reference: compare its interior
+    torch.testing.assert_close(out[crop][..., 1:-1, 1:-1].double(), ref[..., 1:-1, 1:-1], rtol=2e-3, atol=2e-3)
+    del x, out
+
+
+def test_cuda_graph_capture_and_replay():
+    torch.manual_seed(0)
+    layer = PartialConv2d(8, 16, 3, padding=1, return_mask=True, activation="relu").cuda()
+    x = torch.randn(2, 8, 32, 32, device="cuda", requires_grad=True)
+    m = (torch.rand(2, 1, 32, 32, device="cuda") > 0.4).float()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up outside the graph
+            out, _ = layer(x, m)
+            out.sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.cuda.graph(graph):
+        static_out, static_mask = layer(x, m)
+        static_out.sum().backward()
+    for seed in range(3):
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).cuda())
+            m.copy_((torch.rand(m.shape, generator=torch.Generator().manual_seed(seed + 10)) > 0.4).float().cuda())
+        x.grad.zero_()
+        layer.weight.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, ref_mask = partial_conv2d_reference(x.detach(), m, layer.weight.detach(), layer.bias.detach(),
+                                                 padding=1, activation="relu")
+        torch.testing.assert_close(static_out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(static_mask, ref_mask)
+        assert x.grad.abs().sum() > 0
+
+
+def test_runs_on_the_current_stream():
+    x, m, w, b = cuda_copy(random_problem(n=4, cin=16, cout=32, size=(64, 64), dtype=torch.float32))
+    expected, _ = partial_conv2d(x, m, w, b, padding=1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # keeps the stream busy: a kernel on another stream would race
+        out, _ = partial_conv2d(x, m, w, b, padding=1)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.testing.assert_close(out, expected)
+
+
+def test_weight_gradient_is_deterministic():
+    x, m, w, b = cuda_copy(random_problem(n=8, cin=32, cout=64, size=(64, 64), dtype=torch.float32, seed=4))
+    grads = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(3):
+            weight = w.clone().requires_grad_()
+            out, _ = partial_conv2d(x, m, weight, b, padding=1)
+            out.square().sum().backward()
+            grads.append(weight.grad)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_compiled_layer_on_cuda_matches_eager():
+    torch._dynamo.reset()
+    layer = PartialConv2d(4, 8, 3, padding=1, return_mask=True).cuda().half()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 4, 24, 24, device="cuda", dtype=torch.float16)
+    m = (torch.rand(2, 1, 24, 24, device="cuda") > 0.5).half()
+    out, mask = compiled(x, m)
+    ref, ref_mask = layer(x, m)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(mask, ref_mask)
