@@ -1,4 +1,6 @@
 """Loads the compiled library (partialconv_cuda._C), refusing one built for another torch."""
+from pathlib import Path
+
 import torch
 from packaging.version import Version
 
@@ -25,6 +27,14 @@ if Version(torch.__version__) != Version(_build_info.TORCH_VERSION):
 try:
     from . import _C  # noqa: F401  (registers the partialconv_cuda ops with the dispatcher)
 except ImportError as error:
+    package_dir = Path(__file__).resolve().parent
+    if not any(package_dir.glob("_C.*")):
+        raise ImportError(
+            f"{package_dir} holds no compiled library: this is the source directory, shadowing the "
+            "installed package (run Python from another directory, and use `pytest`, not "
+            "`python -m pytest`, in the source tree), or a source tree never built "
+            "(`pip install --no-build-isolation .`)"
+        ) from error
     raise ImportError(f"partialconv_cuda's compiled library failed to load ({error}); {_REBUILD}") from error
 
 build_info = _build_info
