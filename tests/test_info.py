@@ -1,6 +1,8 @@
 """`python -m partialconv_cuda.info` and the build record."""
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -9,9 +11,10 @@ from partialconv_cuda import info
 
 
 def test_info_reports_the_build(tmp_path):
-    # run outside the source tree, whose package directory has no compiled library
+    # the package under test, wherever it was imported from (installed, or built in place)
+    env = dict(os.environ, PYTHONPATH=str(Path(partialconv_cuda.__file__).parent.parent))
     text = subprocess.run([sys.executable, "-m", "partialconv_cuda.info"], check=True, cwd=tmp_path,
-                          capture_output=True, text=True).stdout
+                          env=env, capture_output=True, text=True).stdout
     assert f"torch {torch.__version__}" in text
     assert "partialconv_cuda::partial_conv2d_forward: CPU" in text
     assert "CUDA kernels built: " + ("yes" if partialconv_cuda._extension.build_info.WITH_CUDA else "no") in text
