@@ -146,9 +146,15 @@ class SyncGroup {
   std::optional<std::barrier<PhaseCheck>> barrier_;
 };
 
+// What one lane can publish to the rest of its warp in one collective step: a shuffled value, or
+// a lane's A and B registers of a tensor-core instruction.
+struct alignas(16) ExchangeSlot {
+  std::byte bytes[32];
+};
+
 struct Warp {
   SyncGroup group;
-  std::array<std::uint64_t, warpSize> exchange_slots{};  // one per lane, for the shuffles
+  std::array<ExchangeSlot, warpSize> exchange_slots{};  // one per lane
 };
 
 inline constexpr std::align_val_t kDynamicSharedAlignment{16};
@@ -272,26 +278,33 @@ inline unsigned int shuffle_lane(unsigned int mask, int width, const char* calle
   return this_thread_context.lane;
 }
 
-// Every lane publishes `bits` and returns those of lane `source_lane`. Two warp barriers: after
-// all lanes wrote, and after all lanes read, before a next shuffle overwrites the slots.
-inline std::uint64_t exchange_bits(std::uint64_t bits, unsigned int source_lane) {
+// The step every warp-collective instruction is built on: every lane publishes `value`, then
+// returns read(published), where published(lane) is the value that lane published. Two warp
+// barriers: after all lanes wrote, and after all lanes read, before a next collective overwrites
+// the slots. The caller has checked that the warp may run a collective (warp_for_intrinsic).
+template <typename T, typename Read>
+auto warp_collective(const T& value, Read&& read) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(ExchangeSlot),
+                "a lane publishes a trivially copyable value of at most 32 bytes");
   Warp& warp = *this_thread_context.warp;
-  warp.exchange_slots[this_thread_context.lane] = bits;
+  std::memcpy(warp.exchange_slots[this_thread_context.lane].bytes, &value, sizeof(T));
   warp.group.sync();
-  const std::uint64_t result = warp.exchange_slots[source_lane];
+  const auto published = [&warp](unsigned int lane) {
+    T lane_value;
+    std::memcpy(&lane_value, warp.exchange_slots[lane].bytes, sizeof(T));
+    return lane_value;
+  };
+  auto result = read(published);
   warp.group.sync();
   return result;
 }
 
 template <typename T>
 T exchange(T value, unsigned int source_lane) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(std::uint64_t),
-                "shuffles take trivially copyable values of at most 8 bytes");
-  std::uint64_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(T));
-  bits = exchange_bits(bits, source_lane);
-  std::memcpy(&value, &bits, sizeof(T));
-  return value;
+  static_assert(sizeof(T) <= sizeof(std::uint64_t), "shuffles take values of at most 8 bytes");
+  return warp_collective(value, [source_lane](const auto& published) {
+    return published(source_lane);
+  });
 }
 
 // Runs `kernel_body` in every thread of every block of the grid, and returns when all are done.
