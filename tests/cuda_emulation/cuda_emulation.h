@@ -35,7 +35,11 @@
 //        extern __shared__ __align__(16) unsigned char pconv_dynamic_shared_[];
 //        type* name = reinterpret_cast<type*>(pconv_dynamic_shared_)
 //   6. Only the CUDA core language: no __CUDA_ARCH__ (not defined here), no <<<>>>, no device
-//      library calls beyond the intrinsics below, no inline PTX, no cooperative groups.
+//      library calls beyond the intrinsics below, no inline PTX, no cooperative groups. Tensor-core
+//      instructions (mma.sync, ldmatrix) and cp.async are reached through csrc/cuda/warp_mma.cuh,
+//      whose emulator side is warp_mma_emulation.h (included at the end of this header); they
+//      follow rule 2 like the shuffles. cp.async copies land at the cp_async_wait that covers
+//      them, not before.
 //   7. One launch at a time per process (static shared memory is process-wide). Launch limits
 //      are checked as on a GPU (1..1024 threads per block, blockDim.z <= 64, gridDim.y and .z
 //      <= 65535); the dynamic shared memory size is not limited.
@@ -146,9 +150,15 @@ class SyncGroup {
   std::optional<std::barrier<PhaseCheck>> barrier_;
 };
 
+// What one lane can publish to the rest of its warp in one collective step: a shuffled value, or
+// a lane's A and B registers of a tensor-core instruction.
+struct alignas(16) ExchangeSlot {
+  std::byte bytes[32];
+};
+
 struct Warp {
   SyncGroup group;
-  std::array<std::uint64_t, warpSize> exchange_slots{};  // one per lane, for the shuffles
+  std::array<ExchangeSlot, warpSize> exchange_slots{};  // one per lane
 };
 
 inline constexpr std::align_val_t kDynamicSharedAlignment{16};
@@ -218,6 +228,49 @@ class Launch {
   const std::unique_ptr<std::byte, AlignedDelete> dynamic_shared_;
 };
 
+// The cp.async copies of one thread that have not landed yet. The source is read when the copy is
+// issued; the destination is written only by the cp.async.wait_group that covers the copy, so a
+// kernel that reads its shared-memory tile before waiting sees the old contents (on a GPU it
+// would race). Copies still pending when the thread finishes its block are dropped.
+class AsyncCopies {
+ public:
+  static constexpr std::size_t kMaxBytes = 16;
+
+  // `source` null: a zero fill (cp.async with src-size 0).
+  void issue(void* destination, const void* source, std::size_t bytes) {
+    Copy copy{destination, bytes, {}};
+    if (source != nullptr) std::memcpy(copy.data.data(), source, bytes);
+    pending_.push_back(copy);
+  }
+  void commit_group() { group_ends_.push_back(pending_.size()); }
+  // cp.async.wait_group: lands every committed group but the `newest_pending` newest ones.
+  void wait_group(std::size_t newest_pending) {
+    if (group_ends_.size() <= newest_pending) return;
+    const std::size_t landed_groups = group_ends_.size() - newest_pending;
+    const std::size_t landed = group_ends_[landed_groups - 1];
+    for (std::size_t i = 0; i < landed; ++i) {
+      std::memcpy(pending_[i].destination, pending_[i].data.data(), pending_[i].bytes);
+    }
+    pending_.erase(pending_.begin(), pending_.begin() + landed);
+    group_ends_.erase(group_ends_.begin(), group_ends_.begin() + landed_groups);
+    for (std::size_t& end : group_ends_) end -= landed;
+  }
+  void drop_all() {
+    pending_.clear();
+    group_ends_.clear();
+  }
+
+ private:
+  struct Copy {
+    void* destination;
+    std::size_t bytes;
+    std::array<std::byte, kMaxBytes> data;
+  };
+  std::vector<Copy> pending_;
+  std::vector<std::size_t> group_ends_;  // pending_.size() at each commit, oldest first
+};
+inline thread_local AsyncCopies this_thread_async_copies;
+
 // Which launch, warp and lane the calling pool thread belongs to; empty outside a kernel.
 struct ThreadContext {
   Launch* launch = nullptr;
@@ -240,6 +293,7 @@ inline void Launch::run_thread(unsigned int linear_id, const std::function<void(
                 static_cast<unsigned int>(b / grid_.x % grid_.y),
                 static_cast<unsigned int>(b / blocks_per_layer)};
     kernel_body();
+    this_thread_async_copies.drop_all();
     this_thread_context.warp->group.leave();
     block_sync_.leave();
   }
@@ -272,26 +326,33 @@ inline unsigned int shuffle_lane(unsigned int mask, int width, const char* calle
   return this_thread_context.lane;
 }
 
-// Every lane publishes `bits` and returns those of lane `source_lane`. Two warp barriers: after
-// all lanes wrote, and after all lanes read, before a next shuffle overwrites the slots.
-inline std::uint64_t exchange_bits(std::uint64_t bits, unsigned int source_lane) {
+// The step every warp-collective instruction is built on: every lane publishes `value`, then
+// returns read(published), where published(lane) is the value that lane published. Two warp
+// barriers: after all lanes wrote, and after all lanes read, before a next collective overwrites
+// the slots. The caller has checked that the warp may run a collective (warp_for_intrinsic).
+template <typename T, typename Read>
+auto warp_collective(const T& value, Read&& read) {
+  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(ExchangeSlot),
+                "a lane publishes a trivially copyable value of at most 32 bytes");
   Warp& warp = *this_thread_context.warp;
-  warp.exchange_slots[this_thread_context.lane] = bits;
+  std::memcpy(warp.exchange_slots[this_thread_context.lane].bytes, &value, sizeof(T));
   warp.group.sync();
-  const std::uint64_t result = warp.exchange_slots[source_lane];
+  const auto published = [&warp](unsigned int lane) {
+    T lane_value;
+    std::memcpy(&lane_value, warp.exchange_slots[lane].bytes, sizeof(T));
+    return lane_value;
+  };
+  auto result = read(published);
   warp.group.sync();
   return result;
 }
 
 template <typename T>
 T exchange(T value, unsigned int source_lane) {
-  static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(std::uint64_t),
-                "shuffles take trivially copyable values of at most 8 bytes");
-  std::uint64_t bits = 0;
-  std::memcpy(&bits, &value, sizeof(T));
-  bits = exchange_bits(bits, source_lane);
-  std::memcpy(&value, &bits, sizeof(T));
-  return value;
+  static_assert(sizeof(T) <= sizeof(std::uint64_t), "shuffles take values of at most 8 bytes");
+  return warp_collective(value, [source_lane](const auto& published) {
+    return published(source_lane);
+  });
 }
 
 // Runs `kernel_body` in every thread of every block of the grid, and returns when all are done.
@@ -397,3 +458,5 @@ T __ldg(const T* address) {
 }
 
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+#include "warp_mma_emulation.h"
