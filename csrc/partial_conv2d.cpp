@@ -224,4 +224,9 @@ TORCH_LIBRARY(partialconv_cuda, m) {
       "int groups, str activation, float negative_slope, bool[3] output_mask) -> "
       "(Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       {at::Tag::pt2_compliant_tag});
+  // Which kernels partial_conv2d_forward would run for these arguments, and why (a debugging aid:
+  // it runs no convolution).
+  m.def(
+      "forward_path(Tensor input, Tensor? mask, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> str");
 }

@@ -16,6 +16,18 @@ def compiled_kernels():
     }
 
 
+def forward_path(input, mask, weight, stride=1, padding=0, dilation=1, groups=1):
+    """Which kernels partial_conv2d would run for these arguments, and why, as one line of text.
+    Runs no convolution (on the CPU it counts the mask's windows, which decide the path)."""
+    from torch.nn.modules.utils import _pair
+
+    from .ops import _padding
+
+    stride, dilation = _pair(stride), _pair(dilation)
+    return torch.ops.partialconv_cuda.forward_path(
+        input, mask, weight, stride, _padding(padding, weight.shape[2:], stride, dilation), dilation, groups)
+
+
 def summary():
     lines = [
         f"partialconv_cuda {__version__}",

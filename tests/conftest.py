@@ -3,7 +3,18 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+# Where the op runs: the CPU's two paths, each forced (PARTIALCONV_CPU_PATH), and CUDA.
+BACKENDS = [pytest.param("cpu:dense", id="cpu-dense"), pytest.param("cpu:packed", id="cpu-packed"),
+            pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=BACKENDS)
+def device(request, monkeypatch):
+    """The device a test runs on; for the CPU also the path its kernels take."""
+    device, _, cpu_path = request.param.partition(":")
+    if cpu_path:
+        monkeypatch.setenv("PARTIALCONV_CPU_PATH", cpu_path)
+    return device
 
 
 def pytest_collection_modifyitems(config, items):

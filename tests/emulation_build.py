@@ -22,21 +22,22 @@ SANITIZER_OPTIONS = {
 RUN_TIMEOUT_S = 120
 
 
-def build(source: Path, output: Path, sanitizer_flag: str, optimization: str = "-O1") -> Path:
+def build(source: Path, output: Path, sanitizer_flag: str, optimization: str = "-O1",
+          extra_flags: tuple = ()) -> Path:
     """`optimization` -O0 where compiling under the sanitizers takes much longer than running."""
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.fail("g++ is not installed; CI always has it, so this is a broken environment")
-    command = [compiler, *COMMON_FLAGS, optimization, sanitizer_flag, str(source), "-o",
-               str(output)]
+    command = [compiler, *COMMON_FLAGS, optimization, sanitizer_flag, *extra_flags, str(source),
+               "-o", str(output)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr}"
     return output
 
 
-def run(binary: Path, *arguments: str) -> subprocess.CompletedProcess:
+def run(binary: Path, *arguments: str, timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([str(binary), *arguments], capture_output=True, text=True,
-                          env={**os.environ, **SANITIZER_OPTIONS}, timeout=RUN_TIMEOUT_S)
+                          env={**os.environ, **SANITIZER_OPTIONS}, timeout=timeout)
 
 
 def assert_all_checks_passed(result: subprocess.CompletedProcess) -> None:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, random_problem, to_device
+from conftest import random_problem, to_device
 from partialconv_cuda import partial_conv2d, partial_conv2d_reference
 from test_forward import CASES
 
@@ -16,7 +16,6 @@ GRADCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: f"k{c['kernel']}-g{c['groups']}-{c['mask']}-{c['activation']}")
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck(case, bias, device):
@@ -35,7 +34,6 @@ def test_gradcheck(case, bias, device):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_gradients_match_reference_autograd(device):
     """Every grid case: grad_input, grad_weight, grad_bias equal autograd through the reference."""
     for i, case in enumerate(CASES[:42]):
@@ -59,7 +57,6 @@ def test_gradients_match_reference_autograd(device):
             torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_mask_gets_no_gradient_and_holes_get_zero(device):
     x, m, w, b = to_device(random_problem(n=2, cin=3, cout=4, size=(8, 8), mask="single"), device)
     x.requires_grad_()
@@ -71,7 +68,6 @@ def test_mask_gets_no_gradient_and_holes_get_zero(device):
     assert (x.grad[holes] == 0).all() and (x.grad[~holes] != 0).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_nan_in_holes_gives_finite_gradients(device):
     x, m, w, b = to_device(random_problem(n=2, cin=3, cout=4, size=(8, 8), mask="single"), device)
     x = x.masked_fill(m == 0, float("nan")).requires_grad_()
@@ -81,7 +77,6 @@ def test_nan_in_holes_gives_finite_gradients(device):
     assert x.grad.isfinite().all() and w.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_only_requested_gradients(device):
     x, m, w, b = to_device(random_problem(n=2, cin=2, cout=2, size=(5, 5)), device)
     w.requires_grad_()

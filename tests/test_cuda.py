@@ -1,4 +1,5 @@
-"""CUDA-only checks (the shared grid in the other files also runs on CUDA through DEVICES):
+"""CUDA-only checks (the shared grid in the other files also runs on CUDA through the device
+fixture):
 CPU/CUDA agreement on large shapes, 64-bit indexing, CUDA graphs, streams, determinism."""
 import pytest
 import torch

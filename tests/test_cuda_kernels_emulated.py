@@ -2,40 +2,31 @@
 model (tests/cuda_emulation/), against the float64 reference: indexing, tiling, bounds, barriers,
 split-K and the epilogues are checked on every commit, without a GPU. Built with ASan and UBSan;
 a few cases also run under ThreadSanitizer to catch races between the emulated threads."""
-import os
 import struct
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import torch.utils.cpp_extension
 
+import emulation_build
 from conftest import random_problem
 from partialconv_cuda import partial_conv2d_reference
 
-ROOT = Path(__file__).resolve().parent.parent
-HARNESS = ROOT / "tests" / "cuda_emulation" / "run_partial_conv2d.cpp"
+HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv2d.cpp"
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
-SANITIZERS = {"address": ["-fsanitize=address,undefined"], "thread": ["-fsanitize=thread"]}
-
-
-def build_harness(directory, sanitizer):
-    binary = directory / f"run_partial_conv2d_{sanitizer}"
-    torch_include = torch.utils.cpp_extension.include_paths()[0]
-    command = ["g++", "-std=c++20", "-O1", "-g", "-fno-omit-frame-pointer", "-pthread",
-               "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-Werror", *SANITIZERS[sanitizer],
-               f"-I{ROOT / 'tests' / 'cuda_emulation'}", f"-I{ROOT / 'csrc'}", f"-I{torch_include}",
-               str(HARNESS), "-o", str(binary)]
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return binary
+SANITIZERS = {"address": "-fsanitize=address,undefined", "thread": "-fsanitize=thread"}
+# The kernels' #pragma unroll means nothing to g++; c10's Half and BFloat16 come from torch.
+EXTRA_FLAGS = ("-Wno-unknown-pragmas", f"-I{torch.utils.cpp_extension.include_paths()[0]}")
+RUN_TIMEOUT_S = 600
 
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
     directory = tmp_path_factory.mktemp("emulation")
-    return {sanitizer: build_harness(directory, sanitizer) for sanitizer in SANITIZERS}
+    return {name: emulation_build.build(HARNESS, directory / f"run_partial_conv2d_{name}", flag,
+                                        extra_flags=EXTRA_FLAGS)
+            for name, flag in SANITIZERS.items()}
 
 
 def run_emulated(binary, directory, case, x, m, w, b, grad):
@@ -55,10 +46,7 @@ def run_emulated(binary, directory, case, x, m, w, b, grad):
         f.write(struct.pack("<d", case.get("negative_slope", 0.2)))
         for t in arrays:
             f.write(t.double().contiguous().numpy().tobytes())
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1",
-               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1", TSAN_OPTIONS="halt_on_error=1")
-    result = subprocess.run([str(binary), str(case_file), str(result_file)], capture_output=True,
-                            text=True, timeout=600, env=env)
+    result = emulation_build.run(binary, str(case_file), str(result_file), timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout + result.stderr
     values = torch.frombuffer(bytearray(result_file.read_bytes()), dtype=torch.float64)
     out_h, out_w = grad.shape[2:]
@@ -189,5 +177,5 @@ def test_emulated_kernels_race_free(case, harness, tmp_path):
 
 def test_dividers(harness):
     """The multiply-high dividers of the index decode equal / and % (int32 and int64)."""
-    result = subprocess.run([str(harness["address"]), "--check-dividers"], capture_output=True, text=True, timeout=300)
+    result = emulation_build.run(harness["address"], "--check-dividers", timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0 and "0 failures" in result.stdout, result.stdout + result.stderr

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from conftest import DEVICES, random_mask, random_problem, to_device
+from conftest import random_mask, random_problem, to_device
 from partialconv_cuda import partial_conv2d, partial_conv2d_reference
 
 MASK_KINDS = [None, "single", "multi", "soft", "batch1", "batch1_multi", "empty"]
@@ -56,7 +56,6 @@ def run_both(case, device, dtype=torch.float64, seed=0):
     return partial_conv2d(x, m, w, b, **kwargs), partial_conv2d_reference(x, m, w, b, **kwargs), (x, m, w, b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-p{padding[0]}{padding[1]}"
                          "-d{dilation[0]}{dilation[1]}-g{groups}-{mask}-b{bias:d}-{activation}".format(**c))
 def test_matches_reference_float64(case, device):
@@ -80,7 +79,6 @@ def test_grid_covers_the_contract():
     assert any(c["dilation"] != (1, 1) for c in CASES) and any(c["stride"] != (1, 1) for c in CASES)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_close_to_float64(dtype, device):
     """Half types accumulate in float: on the same (rounded) inputs the result is the float64
@@ -98,7 +96,6 @@ def test_low_precision_close_to_float64(dtype, device):
         torch.testing.assert_close(mask_out.double(), exact_mask, rtol=eps, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_no_worse_than_pytorch_layer(dtype, device):
     errors_ours, errors_pytorch = [], []
@@ -115,7 +112,6 @@ def test_low_precision_no_worse_than_pytorch_layer(dtype, device):
     assert max(errors_ours) <= 2 * max(errors_pytorch)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_nan_and_inf_in_holes_contribute_nothing(dtype, device):
     x, m, w, b = random_problem(n=2, cin=3, cout=5, size=(12, 10), mask="single", dtype=dtype)
@@ -135,7 +131,6 @@ def test_nan_and_inf_in_holes_contribute_nothing(dtype, device):
     assert ref_unsafe.isnan().any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", [None, "leaky_relu"])
 def test_holes_are_exactly_zero_even_with_bias(dtype, device, activation):
@@ -149,7 +144,6 @@ def test_holes_are_exactly_zero_even_with_bias(dtype, device, activation):
     assert (out[~holes] != 0).any()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_layouts_give_the_same_numbers(device):
     """Non-contiguous, channels_last and expanded inputs need no copy and change nothing."""
     x, m, w, b = to_device(random_problem(n=3, cin=4, cout=6, size=(13, 9), mask="multi"), device)
@@ -177,7 +171,6 @@ def test_layouts_give_the_same_numbers(device):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_empty_batch(device):
     x, m, w, b = to_device(random_problem(n=0, cin=2, cout=3, size=(6, 6), mask="single"), device)
     x.requires_grad_()
@@ -188,7 +181,6 @@ def test_empty_batch(device):
     assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_updated_mask_shapes(device):
     generator = torch.Generator().manual_seed(3)
     x, _, w, b = to_device(random_problem(n=4, cin=3, cout=5, size=(8, 8), mask=None), device)

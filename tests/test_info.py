@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import partialconv_cuda
@@ -41,3 +42,29 @@ def test_import_under_another_torch_fails_clearly(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "built against torch 1.0.0" in result.stderr and "--no-build-isolation" in result.stderr
+
+
+def test_forward_path_reports_the_cpu_choice(monkeypatch):
+    monkeypatch.delenv("PARTIALCONV_CPU_PATH", raising=False)
+    x = torch.randn(1, 3, 32, 32)
+    w = torch.randn(4, 3, 3, 3)
+    mostly_valid = torch.ones(1, 1, 32, 32)
+    mostly_valid[..., :4, :4] = 0
+    mostly_holes = torch.zeros(1, 1, 32, 32)
+    mostly_holes[..., :8, :] = 1
+    assert info.forward_path(x, mostly_valid, w, padding=1).startswith("cpu: dense bands")
+    assert "(100% of output positions" in info.forward_path(x, None, w, padding=1)
+    sparse = info.forward_path(x, mostly_holes, w, padding=1)
+    assert sparse.startswith("cpu: packed positions") and "28.1% of output positions" in sparse
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH", "packed")
+    assert "forced by PARTIALCONV_CPU_PATH=packed" in info.forward_path(x, mostly_valid, w, padding=1)
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH", "fast")
+    with pytest.raises(ValueError, match="PARTIALCONV_CPU_PATH must be 'auto', 'dense' or 'packed'"):
+        info.forward_path(x, mostly_valid, w, padding=1)
+
+
+@pytest.mark.cuda
+def test_forward_path_reports_the_cuda_kernels():
+    x = torch.randn(1, 3, 32, 32, device="cuda")
+    path = info.forward_path(x, None, torch.randn(4, 3, 3, 3, device="cuda"), padding=1)
+    assert path.startswith("cuda: implicit GEMM") and "32-bit indexing" in path

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, random_problem, to_device
+from conftest import random_problem, to_device
 from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv2d_reference
 
 FORWARD = torch.ops.partialconv_cuda.partial_conv2d_forward.default
@@ -27,13 +27,11 @@ def forward_samples(device):
     return samples
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_forward(device):
     for args in forward_samples(device):
         torch.library.opcheck(FORWARD, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     for args in forward_samples(device):
         x, m, w, b, stride, padding, dilation, groups, activation, slope = args
@@ -45,7 +43,6 @@ def test_opcheck_backward(device):
                                              dilation, groups, activation, slope, output_mask))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_forward_and_backward(device):
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <string>
 
 #include "../partial_conv2d.h"
 #include "partial_conv2d_kernels.cuh"
@@ -64,6 +65,28 @@ void check_cuda_limits(const ConvGeometry& g) {
                     "partial_conv2d (CUDA): too many output channels: ", g.out_channels);
 }
 
+bool forward_needs_64bit_indexing(const at::Tensor& input, const at::Tensor& mask,
+                                  const at::Tensor& weight, const at::Tensor& output,
+                                  const at::Tensor& mask_scales, const ConvGeometry& g) {
+  return needs_64bit_indexing({input, mask, weight, output, mask_scales},
+                              {std::max(g.batch, g.mask_batch) * g.out_positions(), g.reduction_size()});
+}
+
+std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::Tensor>& mask,
+                              const at::Tensor& weight, at::IntArrayRef stride,
+                              at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ForwardProblem problem = check_forward_args(input, mask, weight, std::nullopt, stride,
+                                                    padding, dilation, groups, "none", 0.0);
+  const ConvGeometry& g = problem.geometry;
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, g);
+  const bool wide = forward_needs_64bit_indexing(input, mask.value_or(at::Tensor()), weight, output,
+                                                 mask_scales, g);
+  return c10::str("cuda: implicit GEMM on CUDA cores (", cuda::kBlockRows, "x", cuda::kBlockCols,
+                  " tiles; tiles of holes only skip the matrix work), ",
+                  wide ? "64-bit indexing (an offset or row count passes 2^31)" : "32-bit indexing");
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -78,9 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
   const at::Tensor mask_t = mask.value_or(at::Tensor());
   const at::Tensor bias_t = bias.value_or(at::Tensor());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool wide = needs_64bit_indexing(
-      {input, mask_t, weight, output, mask_scales},
-      {std::max(g.batch, g.mask_batch) * g.out_positions(), g.reduction_size()});
+  const bool wide = forward_needs_64bit_indexing(input, mask_t, weight, output, mask_scales, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv2d_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -169,6 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
 TORCH_LIBRARY_IMPL(partialconv_cuda, CUDA, m) {
   m.impl("partial_conv2d_forward", TORCH_FN(partial_conv2d_forward_cuda));
   m.impl("partial_conv2d_backward", TORCH_FN(partial_conv2d_backward_cuda));
+  m.impl("forward_path", TORCH_FN(forward_path_cuda));
 }
 
 }  // namespace partialconv
