@@ -38,6 +38,11 @@ class UNetLayer:
     def bias(self):
         return not self.batch_norm  # a bias before batch norm would be cancelled by it
 
+    @property
+    def fused_activation(self):
+        """The activation the partial convolution applies itself: all but batch norm's."""
+        return None if self.batch_norm else self.activation
+
 
 def pconv_unet_layers(in_channels=3, out_channels=3, depth=8):
     """The 2 * depth partial convolutions of PConvUNet, encoder first; depth 8 is the paper's."""
@@ -89,7 +94,7 @@ class PConvBlock(nn.Module):
         self.conv = layer_factory(
             layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
             bias=layer.bias, multi_channel=layer.multi_channel, return_mask=True,
-            activation=None if layer.batch_norm else layer.activation,
+            activation=layer.fused_activation,
             negative_slope=DECODER_NEGATIVE_SLOPE,
         )
         self.norm = nn.BatchNorm2d(layer.out_channels) if layer.batch_norm else None
