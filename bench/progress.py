@@ -14,7 +14,7 @@ class Progress:
         self.reported_tenths = -1
 
     def start(self, label):
-        """Shows what is being measured now."""
+        """Shows what is being measured now; call advance() when it is done."""
         elapsed = time.monotonic() - self.started
         remaining = elapsed / self.done * (self.total - self.done) if self.done else None
         filled = self.width * self.done // self.total
@@ -27,8 +27,8 @@ class Progress:
             self.reported_tenths = 10 * self.done // self.total
             print(line, file=self.stream, flush=True)
 
-    def advance(self):
-        self.done += 1
+    def advance(self, count=1):
+        self.done += count
 
     def close(self):
         elapsed = _minutes(time.monotonic() - self.started)

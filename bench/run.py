@@ -23,7 +23,7 @@ from .contenders import CONTENDERS, CONV2D, NVIDIA, OURS, OURS_COMPILED, make_co
 from .network import NETWORK, NetworkWorkload, TrainingStep, network_depth
 from .progress import Progress
 from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, plot
-from .timing import Clock, Policy, last_level_cache_bytes, rotation_count
+from .timing import Clock, Measurement, Policy, last_level_cache_bytes, rotation_count
 from .workloads import HOLE_SWEEP, LAYER_NAMES, SUITE, MaskBank, layer_workloads, make_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,16 +128,20 @@ def resolve_settings(args):
         policy = Policy(args.warmup or (5 if gpu else 2), args.min_repeats or 5,
                         args.repeats or (50 if gpu else 15), args.max_time or (2.0 if gpu else 4.0))
         most_input_sets = 16
+    if policy.min_repeats < 2 or policy.repeats < policy.min_repeats:
+        raise SystemExit("python -m bench: expected 2 <= --min-repeats <= --repeats (a spread needs 2 timings)")
     sizes = {}
     for name in dtype_names:
         sizes[name] = args.size or default_size
         if not (gpu or args.size or args.quick or DTYPES[name] == torch.float32 or native_cpu_support(DTYPES[name])):
             sizes[name] = 64
+            instructions = "AVX-512 BF16 or AMX" if DTYPES[name] == torch.bfloat16 else "AVX-512 FP16 or AMX-FP16"
             notes.append(f"{name} runs at {sizes[name]}×{sizes[name]}: this CPU has no native {name} support "
-                         f"(AVX-512 BF16 / AMX / AVX-512 FP16), so PyTorch's own {name} convolution, which the seed, "
-                         "nvidia and conv2d contenders use, falls back to a reference path about 100× slower "
-                         f"than float32; at {default_size}×{default_size} this run would take hours. Ours converts "
-                         "to float32 internally and is not slowed down the same way")
+                         f"({instructions}), so PyTorch's own {name} convolution, which the seed, nvidia and conv2d "
+                         "contenders use, falls back to a slow path (here 75-250× slower than float32); at "
+                         f"{default_size}×{default_size} this run would take hours. Ours computes in float32 "
+                         "internally and is not slowed down the same way, so its large lead in this dtype here "
+                         "measures that fallback, not partial convolution")
     threads = args.threads or torch.get_num_threads()
     layers = _names(args.layers, LAYER_NAMES, "layers")
     compiled_layers = layers
@@ -236,7 +240,7 @@ class Runner:
         count = rotation_count(first.nbytes(), self.cache_bytes, self.memory_budget, s.most_input_sets)
         inputs = [first] + [make_inputs(workload, self.masks, i, dtype, s.device, backward) for i in range(1, count)]
         reference = partial_conv2d_reference(
-            *(t.detach().double() if t is not None else None for t in (first.input, first.mask, first.weight, first.bias)),
+            *(None if t is None else t.detach().double() for t in (first.input, first.mask, first.weight, first.bias)),
             workload.layer.stride, workload.layer.padding, activation=workload.layer.fused_activation)
         base = {
             "workload": workload.kind, "layer": workload.layer.name, "dtype": dtype_name,
@@ -245,25 +249,32 @@ class Runner:
             "image_height": workload.image_height, "image_width": workload.image_width,
             "gmac": workload.multiply_adds() / 1e9, "input_sets": count,
         }
-        records = []
-        for contender in make_contenders(workload, self.contenders(workload)):
-            label = f"{dtype_name} {workload.kind} {workload.layer.name} holes={workload.holes:g} {contender.name}"
-            error, max_rel_err, arguments = None, None, None
+        contenders = make_contenders(workload, self.contenders(workload))
+        prepared, checks = {}, {}
+        for contender in contenders:
             try:
                 arguments = [contender.prepare(x) for x in inputs]
-                if contender.name != CONV2D:
-                    max_rel_err = self.check(contender, arguments[0], reference, dtype)
+                checks[contender.name] = None if contender.name == CONV2D else self.check(
+                    contender, arguments[0], reference, dtype)
+                prepared[contender.name] = (contender, arguments)
             except Exception as failure:  # reported in the table, not raised: one contender may fail
-                error = _error_text(failure)
-            for pass_ in s.passes:
-                self.progress.start(f"{label} {pass_}")
-                record = dict(base, contender=contender.name, **{"pass": pass_}, max_rel_err=max_rel_err,
+                checks[contender.name] = failure
+        records = []
+        for pass_ in s.passes:
+            self.progress.start(f"{dtype_name} {workload.kind} {workload.layer.name} holes={workload.holes:g} {pass_}")
+            make_call = self.forward_call if pass_ == FWD else self.forward_backward_call
+            outcomes = self.clock.measure(
+                {name: make_call(contender, arguments, inputs) for name, (contender, arguments) in prepared.items()},
+                s.policy)
+            for contender in contenders:
+                check = checks[contender.name]
+                record = dict(base, contender=contender.name, **{"pass": pass_},
+                              max_rel_err=check if isinstance(check, float) else None,
                               gflop=workload.gflop(pass_ == FWD_BWD))
-                record["gbps_bytes"] = workload.min_bytes(pass_ == FWD_BWD, first.input.element_size(),
-                                                          with_mask=contender.name != CONV2D)
-                call = (self.forward_call if pass_ == FWD else self.forward_backward_call)(contender, arguments, inputs)
-                records.append(self.finish(record, call, error))
-                self.progress.advance()
+                min_bytes = workload.min_bytes(pass_ == FWD_BWD, first.input.element_size(),
+                                               with_mask=contender.name != CONV2D)
+                records.append(self.with_outcome(record, outcomes.get(contender.name, check), min_bytes))
+            self.progress.advance(len(contenders))
         return records
 
     def check(self, contender, arguments, reference, dtype):
@@ -298,22 +309,15 @@ class Runner:
             return torch.autograd.grad(output, inputs[k].differentiable(), inputs[k].grad_output)
         return call
 
-    def finish(self, record, call, error):
-        """Measures call into record (unless an earlier error is given) and fills the rates."""
-        bytes_moved = record.pop("gbps_bytes", None)
-        if error is None:
-            try:
-                measurement = self.clock.measure(call, self.settings.policy)
-            except Exception as failure:  # e.g. no kernel for this device, out of memory
-                error = _error_text(failure)
-                if self.settings.device == "cuda":
-                    torch.cuda.empty_cache()
-        if error is not None:
-            return dict(record, status="failed", error=error, median_ms=None, p20_ms=None, p80_ms=None,
-                        repeats=0, tflops=None, gbps=None, peak_mem_mb=None)
-        return dict(record, status="ok", error=None, **dataclasses.asdict(measurement),
-                    tflops=record["gflop"] / measurement.median_ms,
-                    gbps=None if bytes_moved is None else bytes_moved / measurement.median_ms / 1e6)
+    @staticmethod
+    def with_outcome(record, outcome, min_bytes=None):
+        """record completed with a Measurement, or marked failed with the exception's text."""
+        if not isinstance(outcome, Measurement):
+            return dict(record, status="failed", error=_error_text(outcome), median_ms=None, p20_ms=None,
+                        p80_ms=None, repeats=0, tflops=None, gbps=None, peak_mem_mb=None)
+        return dict(record, status="ok", error=None, **dataclasses.asdict(outcome),
+                    tflops=record["gflop"] / outcome.median_ms,
+                    gbps=None if min_bytes is None else min_bytes / outcome.median_ms / 1e6)
 
     def run_network(self, dtype_name):
         s = self.settings
@@ -321,24 +325,27 @@ class Runner:
         workload = NetworkWorkload(s.batch, size, size, s.holes, network_depth(size, size))
         set_bytes = s.batch * (3 + 1) * size * size * 4  # image and mask, float32
         count = rotation_count(set_bytes, self.cache_bytes, self.memory_budget, s.most_input_sets)
-        records = []
+        self.progress.start(f"{dtype_name} {NETWORK} depth {workload.depth} {TRAIN_STEP}")
+        steps, failures, records = {}, {}, []
+        base = {
+            "workload": NETWORK, "layer": NETWORK, "dtype": dtype_name, "pass": TRAIN_STEP, "holes": s.holes,
+            "layer_holes": s.holes, "batch": s.batch, "height": size, "width": size, "image_height": size,
+            "image_width": size, "depth": workload.depth, "gmac": workload.multiply_adds() / 1e9,
+            "gflop": workload.gflop(), "input_sets": count, "max_rel_err": None,
+        }
+        losses = {}
         for contender in (NVIDIA, OURS):
-            self.progress.start(f"{dtype_name} {NETWORK} depth {workload.depth} {contender} {TRAIN_STEP}")
-            record = {
-                "workload": NETWORK, "layer": NETWORK, "contender": contender, "dtype": dtype_name,
-                "pass": TRAIN_STEP, "holes": s.holes, "layer_holes": s.holes, "batch": s.batch,
-                "height": size, "width": size, "image_height": size, "image_width": size,
-                "depth": workload.depth, "gmac": workload.multiply_adds() / 1e9, "gflop": workload.gflop(),
-                "input_sets": count, "max_rel_err": None, "loss": None,
-            }
-            error, step = None, None
             try:
-                step = TrainingStep(workload, contender, DTYPES[dtype_name], s.device, s.seed, count)
-                record["loss"] = step(0).item()  # from the shared initial weights
+                steps[contender] = TrainingStep(workload, contender, DTYPES[dtype_name], s.device, s.seed, count)
+                losses[contender] = steps[contender](0).item()  # from the shared initial weights
             except Exception as failure:
-                error = _error_text(failure)
-            records.append(self.finish(record, step, error))
-            self.progress.advance()
+                failures[contender] = failure
+                steps.pop(contender, None)
+        outcomes = self.clock.measure(steps, s.policy)
+        for contender in (NVIDIA, OURS):
+            record = dict(base, contender=contender, loss=losses.get(contender))
+            records.append(self.with_outcome(record, outcomes.get(contender, failures.get(contender))))
+        self.progress.advance(2)
         return records
 
 

@@ -11,8 +11,9 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """How much to time: warmup untimed calls, then between min_repeats and repeats timed calls,
-    as many as fit in max_time_s (estimated from the warm-up)."""
+    """How much to time: warmup untimed calls of each contender, then between min_repeats and
+    repeats timed calls of each, as many as fit in max_time_s per contender (estimated from the
+    warm-up); min_repeats must be at least 2."""
 
     warmup: int
     min_repeats: int
@@ -88,17 +89,44 @@ class Clock:
             peak = max(peak, allocated)
         return peak / 2**20
 
-    def measure(self, call, policy):
-        """Warm up, time, then measure peak memory once (on input set 0)."""
-        warmup = self.time_calls(call, 0, policy.warmup)
-        estimate_ms = min(warmup) if warmup else 1.0
-        repeats = min(policy.repeats, max(policy.min_repeats, int(policy.max_time_s * 1e3 / estimate_ms)))
-        times = self.time_calls(call, policy.warmup, repeats)
-        peak_mem_mb = self.peak_memory_mb(lambda: call(0))
-        if len(times) == 1:
-            return Measurement(times[0], times[0], times[0], 1, peak_mem_mb)
-        quintiles = statistics.quantiles(times, n=5, method="inclusive")
-        return Measurement(statistics.median(times), quintiles[0], quintiles[3], repeats, peak_mem_mb)
+    def measure(self, calls, policy):
+        """Times several calls side by side: warm-up rounds, then timed rounds in which every call
+        runs once, in an order that rotates from round to round, so that a slow spell of the
+        machine hits all of them alike; then the peak memory of each (on input set 0).
+
+        calls: {name: call}. Returns {name: Measurement, or the exception the call raised}.
+        """
+        results, live = {}, dict(calls)
+
+        def run(name, start):
+            try:
+                return self.time_calls(live[name], start, 1)[0]
+            except Exception as error:  # e.g. no kernel for this device; the others go on
+                results[name] = error
+                del live[name]
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                return None
+
+        warmup = {name: [] for name in live}
+        for i in range(policy.warmup):
+            for name in list(live):
+                warmup[name].append(run(name, i))
+        round_ms = sum(min(warmup[name]) for name in live) if policy.warmup and live else 1.0
+        rounds = min(policy.repeats,
+                     max(policy.min_repeats, int(policy.max_time_s * 1e3 * len(live) / max(round_ms, 1e-3))))
+        names = list(live)
+        times = {name: [] for name in names}
+        for r in range(rounds):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                if name in live:
+                    times[name].append(run(name, policy.warmup + r))
+        for name, call in list(live.items()):
+            quintiles = statistics.quantiles(times[name], n=5, method="inclusive")
+            results[name] = Measurement(statistics.median(times[name]), quintiles[0], quintiles[3], rounds,
+                                        self.peak_memory_mb(lambda: call(0)))
+        return results
 
 
 @contextlib.contextmanager
