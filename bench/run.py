@@ -58,10 +58,11 @@ def parse_args(argv):
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="default %(default)s")
     parser.add_argument("--passes", default=f"{FWD},{FWD_BWD}", help="default %(default)s")
     parser.add_argument("--no-network", action="store_true", help="skip the whole-network training step")
-    parser.add_argument("--repeats", type=int, help="most timed calls per measurement (default: 50 GPU, 15 CPU)")
-    parser.add_argument("--min-repeats", type=int, help="fewest timed calls, however slow (default 5)")
+    parser.add_argument("--repeats", type=int, help="most timed calls per contender (default: 50 GPU, 10 CPU)")
+    parser.add_argument("--min-repeats", type=int, help="fewest timed calls, however slow (default: 10 GPU, 5 CPU)")
     parser.add_argument("--max-time", type=float,
-                        help="seconds of timed calls per measurement before stopping at --min-repeats")
+                        help="seconds of timed calls per contender and measurement, beyond which only "
+                        "--min-repeats are made (default 2)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default: 5 GPU, 2 CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, %d here)" % torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
@@ -125,8 +126,8 @@ def resolve_settings(args):
                      "that everything runs; the numbers are not meaningful")
     else:
         batch, default_size = args.batch or (8 if gpu else 1), 512 if gpu else 256
-        policy = Policy(args.warmup or (5 if gpu else 2), args.min_repeats or 5,
-                        args.repeats or (50 if gpu else 15), args.max_time or (2.0 if gpu else 4.0))
+        policy = Policy(args.warmup or (5 if gpu else 2), args.min_repeats or (10 if gpu else 5),
+                        args.repeats or (50 if gpu else 10), args.max_time or 2.0)
         most_input_sets = 16
     if policy.min_repeats < 2 or policy.repeats < policy.min_repeats:
         raise SystemExit("python -m bench: expected 2 <= --min-repeats <= --repeats (a spread needs 2 timings)")
