@@ -121,13 +121,14 @@ def layer_table(rows, contenders):
 
 
 def throughput_table(rows, contenders):
+    """TFLOP/s, GB/s and peak memory of every contender for each (layer, holes) row."""
     header = ["layer", "holes"] + [f"TFLOP/s {c}" for c in contenders] + [f"GB/s {c}" for c in contenders] + [
         f"peak MiB {c}" for c in contenders]
     lines = []
     for (layer, holes), by_contender in rows.items():
         records = [by_contender.get(c) for c in contenders]
-        any_record = next(iter(by_contender.values()))
-        lines.append([layer, f"{any_record['layer_holes']:.0%}"]
+        first = next(iter(by_contender.values()))
+        lines.append([layer, f"{first['layer_holes']:.0%}"]
                      + [_number(r["tflops"]) if ok(r) else "–" for r in records]
                      + [_number(r["gbps"]) if ok(r) else "–" for r in records]
                      + [_number(r["peak_mem_mb"]) if ok(r) else "–" for r in records])
@@ -135,6 +136,7 @@ def throughput_table(rows, contenders):
 
 
 def network_table(rows):
+    """The training step of both networks, with their first-step losses."""
     footnotes = []
     header = ["contender", "depth", "image", "batch", "holes", "step ms", "speedup vs nvidia", "TFLOP/s",
               "peak MiB", "first-step loss"]

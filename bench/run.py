@@ -103,8 +103,8 @@ def _names(text, allowed, what):
 
 
 def native_cpu_support(dtype):
-    """Whether oneDNN runs this half dtype natively here; without it PyTorch's CPU convolution
-    falls back to a slow reference path (about 100x slower than float32)."""
+    """Whether oneDNN runs this half dtype natively on this CPU; without it PyTorch's CPU
+    convolution in that dtype takes a much slower path."""
     if dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.ops.mkldnn._is_mkldnn_fp16_supported()
@@ -208,14 +208,26 @@ def _error_text(error):
 
 
 class Runner:
-    def __init__(self, settings, progress):
+    """Runs the workloads of the settings and returns their records."""
+
+    def __init__(self, settings):
         self.settings = settings
-        self.progress = progress
         self.clock = Clock(settings.device)
         self.masks = MaskBank(settings.seed)
         self.cache_bytes = last_level_cache_bytes(settings.device)
         self.memory_budget = (torch.cuda.get_device_properties(settings.device).total_memory // 8
                               if settings.device == "cuda" else 2**30)
+        self.progress = Progress(self.measurement_count())
+
+    def run(self):
+        records = []
+        for dtype_name in self.settings.dtypes:
+            for workload in self.workloads(dtype_name):
+                records += self.run_layer(workload, dtype_name)
+            if self.settings.network:
+                records += self.run_network(dtype_name)
+        self.progress.close()
+        return records
 
     def workloads(self, dtype_name):
         s = self.settings
@@ -367,28 +379,19 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
-    runner = Runner(settings, None)
-    progress = runner.progress = Progress(runner.measurement_count())
-    records = []
-    for dtype_name in settings.dtypes:
-        for workload in runner.workloads(dtype_name):
-            records += runner.run_layer(workload, dtype_name)
-        if settings.network:
-            records += runner.run_network(dtype_name)
-    progress.close()
-
+    records = Runner(settings).run()
     run = {
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if settings.device == "cuda" else None,
         "commit": git_commit(),
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         "threads": settings.threads,
         "gpu_settings": {"cudnn.benchmark": True, "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
                          "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32}
                         if settings.device == "cuda" else None,
-        "settings": {key: value for key, value in dataclasses.asdict(settings).items()},
+        "settings": dataclasses.asdict(settings),
         "notes": notes,
         "results": records,
     }

@@ -1,4 +1,4 @@
-"""Timing and peak memory of one call, on the CPU or a CUDA GPU."""
+"""Timing and peak memory of calls side by side, on the CPU or a CUDA GPU."""
 import contextlib
 import dataclasses
 import math
@@ -39,27 +39,24 @@ def rotation_count(set_bytes, cache_bytes, memory_budget_bytes, most=16):
 
 class Clock:
     """Times calls on one device: CUDA events around each call on a GPU, perf_counter on the
-    CPU. call(i) runs on input set i."""
+    CPU. call(i) runs on input set i (modulo the number of sets)."""
 
     def __init__(self, device):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
 
-    def time_calls(self, call, start, count):
+    def time_call(self, call, set_index):
+        """Milliseconds of call(set_index)."""
         if not self.cuda:
-            times = []
-            for i in range(start, start + count):
-                begin = time.perf_counter_ns()
-                call(i)
-                times.append((time.perf_counter_ns() - begin) / 1e6)
-            return times
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
-        for i, (begin, end) in enumerate(events, start):
-            begin.record()
-            call(i)
-            end.record()
-        torch.cuda.synchronize(self.device)
-        return [begin.elapsed_time(end) for begin, end in events]
+            begin = time.perf_counter_ns()
+            call(set_index)
+            return (time.perf_counter_ns() - begin) / 1e6
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call(set_index)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
 
     def peak_memory_mb(self, call):
         """Peak memory allocated during call() beyond what was allocated before it, in MiB:
@@ -98,9 +95,9 @@ class Clock:
         """
         results, live = {}, dict(calls)
 
-        def run(name, start):
+        def run(name, set_index):
             try:
-                return self.time_calls(live[name], start, 1)[0]
+                return self.time_call(live[name], set_index)
             except Exception as error:  # e.g. no kernel for this device; the others go on
                 results[name] = error
                 del live[name]

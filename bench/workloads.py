@@ -69,7 +69,7 @@ class LayerWorkload:
         elements = inputs + masks + weights + outputs
         if backward:  # read grad_output, input, mask and weight; write the gradients
             elements += outputs + inputs + masks + 2 * weights + inputs * self.input_needs_grad
-            if layer.activation is not None:
+            if layer.fused_activation is not None:
                 elements += outputs  # the output, for the activation's derivative
         return elements * element_size
 
