@@ -1,6 +1,12 @@
-"""Turns a benchmark run (the JSON document) into Markdown tables and a plot."""
+"""Turns a benchmark run (the JSON document) into Markdown tables and a plot.
+
+`python -m bench.report RESULTS.json` writes RESULTS.md (and RESULTS.png, with matplotlib) again
+from the JSON alone."""
+import json
 import math
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 from .contenders import CONTENDERS, CONV2D, DESCRIPTIONS, NVIDIA, OURS, OURS_COMPILED, SEED
 from .network import NETWORK
@@ -139,19 +145,22 @@ def network_table(rows):
     """The training step of both networks, with their first-step losses."""
     footnotes = []
     header = ["contender", "depth", "image", "batch", "holes", "step ms", "speedup vs nvidia", "TFLOP/s",
-              "peak MiB", "first-step loss"]
+              "peak MiB", "first-step loss", "relative to nvidia's"]
     lines = []
     for by_contender in rows.values():
+        reference_loss = by_contender.get(NVIDIA, {}).get("loss")
         for contender in (NVIDIA, OURS):
             record = by_contender.get(contender)
             if record is None:
                 continue
+            loss = record["loss"]
             lines.append([contender, record["depth"], f"{record['height']}×{record['width']}", record["batch"],
                           f"{record['holes']:.0%}", _time_cell(record, footnotes),
                           _ratio(speedup(by_contender.get(NVIDIA), record)),
                           _number(record["tflops"]) if ok(record) else "–",
                           _number(record["peak_mem_mb"]) if ok(record) else "–",
-                          "–" if record["loss"] is None else f"{record['loss']:.6f}"])
+                          "–" if loss is None else f"{loss:.6f}",
+                          "–" if None in (loss, reference_loss) else f"{abs(loss - reference_loss) / abs(reference_loss):.1e}"])
     return "\n".join([_table(header, lines)] + _footnote_lines(footnotes))
 
 
@@ -300,3 +309,22 @@ def plot(run, path):
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def write_plot(run, path):
+    """plot(run, path) if matplotlib is installed; otherwise says so and returns False."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
+    plot(run, path)
+    return True
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:]:
+        path = Path(name)
+        document = json.loads(path.read_text())
+        path.with_suffix(".md").write_text(markdown(document) + "\n")
+        write_plot(document, path.with_suffix(".png"))

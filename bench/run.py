@@ -22,7 +22,7 @@ from . import THREADS_PINNED
 from .contenders import CONTENDERS, CONV2D, NVIDIA, OURS, OURS_COMPILED, make_contenders
 from .network import NETWORK, NetworkWorkload, TrainingStep, network_depth
 from .progress import Progress
-from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, plot
+from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, write_plot
 from .timing import Clock, Measurement, Policy, last_level_cache_bytes, rotation_count
 from .workloads import HOLE_SWEEP, LAYER_NAMES, SUITE, MaskBank, layer_workloads, make_inputs
 
@@ -374,6 +374,7 @@ def main(argv=None):
     if settings.device == "cuda":
         torch.backends.cudnn.benchmark = True
     now = datetime.datetime.now(datetime.timezone.utc)
+    commit = git_commit()  # of the code now loaded, before anything can change the working tree
     device = device_name(settings.device)
     print(f"python -m bench on {device}, torch {torch.__version__}, {settings.threads} CPU threads", file=sys.stderr)
     for note in notes:
@@ -384,7 +385,7 @@ def main(argv=None):
         "device": device,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if settings.device == "cuda" else None,
-        "commit": git_commit(),
+        "commit": commit,
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         "threads": settings.threads,
@@ -407,14 +408,8 @@ def write_results(run, directory, stem, latest, with_plot):
     paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
     paths[0].write_text(json.dumps(run, indent=1) + "\n")
     paths[1].write_text(markdown(run) + "\n")
-    if with_plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        else:
-            paths.append(directory / f"{stem}.png")
-            plot(run, paths[-1])
+    if with_plot and write_plot(run, directory / f"{stem}.png"):
+        paths.append(directory / f"{stem}.png")
     if latest:
         for path in list(paths):
             copy = directory / f"{latest}{path.suffix}"
