@@ -1,0 +1,109 @@
+"""The benchmark's --quick path at tiny sizes, and the pieces its numbers rest on."""
+import json
+
+import pytest
+import torch
+
+import bench.contenders
+from bench.report import multiply_add_check
+from bench.run import main
+from bench.timing import rotation_count
+from bench.workloads import SUITE, concatenated_mask, layer_workloads, unet_layer_masks
+from partialconv_cuda.masks import irregular_masks
+from partialconv_cuda.models import PConvUNet
+
+RECORD_KEYS = {"layer", "contender", "dtype", "pass", "holes", "batch", "height", "width", "median_ms", "p20_ms",
+               "p80_ms", "gflop", "tflops", "gbps", "peak_mem_mb"}
+TOP_LEVEL_KEYS = {"device", "torch", "cuda", "commit", "date", "command", "threads", "results"}
+
+
+@pytest.fixture(autouse=True)
+def restore_thread_count():
+    """main() sets torch's thread count. These runs use one thread: torch was loaded before bench
+    could pin OpenMP threads to cores, and unpinned threads can stall each other on a small VM."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_run_measures_every_contender_and_writes_json_markdown_and_plot(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")  # noqa: F841  (CI installs it; the plot is part of the output)
+    run = main(["--quick", "--layers", "enc2,dec1", "--sweep-layers", "enc2", "--sweep-holes", "0,0.5",
+                "--threads", "1", "--out", str(tmp_path)])
+    stem = next(tmp_path.glob("*.json")).stem
+    assert stem.startswith("cpu_") and stem.endswith("_quick")
+    assert {p.suffix for p in tmp_path.iterdir()} == {".json", ".md", ".png"}
+    document = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert TOP_LEVEL_KEYS <= document.keys() and document["threads"] == 1
+    records = document["results"]
+    # Per dtype and pass: suite enc2 (all 5 contenders; --quick compiles enc2 only), suite dec1 (4),
+    # sweep enc2 at 2 hole ratios (4 each); plus the network step, ours and nvidia, per dtype.
+    assert len(records) == 2 * 2 * (5 + 4 + 4 + 4) + 2 * 2
+    keys = {(r["workload"], r["layer"], r["contender"], r["dtype"], r["pass"], r["holes"]) for r in records}
+    assert len(keys) == len(records)
+    for record in records:
+        assert RECORD_KEYS <= record.keys()
+        assert record["status"] == "ok", record
+        assert 0 < record["p20_ms"] <= record["median_ms"] <= record["p80_ms"]
+        assert record["tflops"] > 0 and record["peak_mem_mb"] is not None
+    assert {r["contender"] for r in records} == set(bench.contenders.CONTENDERS)
+    assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
+    assert {r["pass"] for r in records} == {"fwd", "fwd+bwd", "train_step"}
+    losses = {r["contender"]: r["loss"] for r in records if r["pass"] == "train_step" and r["dtype"] == "float32"}
+    assert losses["ours"] == pytest.approx(losses["nvidia"], rel=1e-5)
+    report = (tmp_path / f"{stem}.md").read_text()
+    assert "## Layer suite, float32, forward" in report and "ours_compiled ms" in report
+    assert run["results"] == records
+
+
+def test_a_contender_that_cannot_run_is_reported_as_failed(tmp_path, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("no kernel for this device")
+
+    monkeypatch.setattr(bench.contenders, "partial_conv2d", no_kernel)
+    main(["--quick", "--layers", "enc2", "--sweep-layers", "none", "--no-network", "--dtype", "float32",
+          "--contenders", "nvidia,ours", "--threads", "1", "--no-plot", "--out", str(tmp_path)])
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    status = {(r["contender"], r["pass"]): (r["status"], r["error"]) for r in document["results"]}
+    assert status[("nvidia", "fwd")] == ("ok", None)
+    assert status[("ours", "fwd")] == ("failed", "NotImplementedError: no kernel for this device")
+    assert status[("ours", "fwd+bwd")][0] == "failed"
+    assert "NotImplementedError: no kernel for this device" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_multiply_adds_match_the_paper():
+    total, per_layer = multiply_add_check()
+    assert total == pytest.approx(38.0, abs=0.1)  # "about 38 GMAC" per 512x512 image
+    assert per_layer.startswith("enc1 0.62, enc2 3.36")
+
+
+def test_suite_masks_are_the_masks_each_layer_sees_inside_pconv_unet():
+    model = PConvUNet(depth=5).eval()
+    seen = {}
+    for name, block in model.blocks.items():
+        block.conv.register_forward_hook(lambda module, args, output, name=name: seen.__setitem__(name, args[1]))
+    mask = irregular_masks(2, 64, 96, 0.5, seed=4)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 96), mask)
+    parts = unet_layer_masks(mask, model.layers)
+    for layer in model.layers:
+        assert torch.equal(concatenated_mask(parts[layer.name], layer), seen[layer.name]), layer.name
+    workloads = layer_workloads(SUITE, [layer.name for layer in model.layers], 2, 64, 96, [0.5], network=model.layers)
+    assert [(w.height, w.width) for w in workloads] == [tuple(seen[w.layer.name].shape[2:]) for w in workloads]
+
+
+def test_minimum_bytes_count_each_tensor_once():
+    (workload,) = layer_workloads(SUITE, ["enc1"], 1, 16, 16, [0.3])  # 3 -> 64, 7x7, stride 2, bias
+    inputs, mask, weights, outputs, updated_mask = 3 * 256, 256, 64 * 3 * 49 + 64, 64 * 64, 64
+    assert workload.min_bytes(False, 4) == 4 * (inputs + mask + weights + outputs + updated_mask)
+    assert workload.min_bytes(False, 2, with_mask=False) == 2 * (inputs + weights + outputs)
+    # Backward of enc1: grad_output, input, mask, weight and the ReLU output read; no grad_input.
+    backward = outputs + inputs + mask + updated_mask + 2 * weights + outputs
+    assert workload.min_bytes(True, 4) == 4 * (inputs + mask + weights + outputs + updated_mask + backward)
+
+
+def test_rotation_covers_twice_the_cache_within_limits():
+    assert rotation_count(set_bytes=2**20, cache_bytes=4 * 2**20, memory_budget_bytes=2**30) == 8
+    assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**34) == 2
+    assert rotation_count(set_bytes=2**10, cache_bytes=2**30, memory_budget_bytes=2**34) == 16
+    assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**29) == 1
