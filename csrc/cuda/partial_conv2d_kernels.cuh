@@ -309,25 +309,26 @@ struct TensorCoreCore {
 
     __device__ void multiply(const Tiles<acc_t>& tiles) {
       const int lane = int(threadIdx.x) % 32;
-      // ldmatrix_x4: lanes 8q..8q+7 address rows 0..7 of matrix q.
-      //   A (16x16 at m0, kk), matrices (m0, kk) (m0+8, kk) (m0, kk+8) (m0+8, kk+8) = a[0..3]:
-      //     lane -> a[kk + 8*(lane/16) + lane%8][m0 + 8*(lane/8%2)]
-      //   B (16x16 at kk, n0: two n8 tiles), matrices (kk, n0) (kk+8, n0) (kk, n0+8)
-      //   (kk+8, n0+8) = b[0..1] of tile n0, b[0..1] of tile n0+8:
-      //     lane -> b[kk + 8*(lane/8%2) + lane%8][n0 + 8*(lane/16)]
+      // ldmatrix_x4 .trans: lanes 8q..8q+7 give the addresses of rows k = 0..7 of matrix q.
+      // a[i] = the A(m, k) quarters at (m0, kk), (m0+8, kk), (m0, kk+8), (m0+8, kk+8) of the mma
+      // tile whose rows start at m0:
+      //   lane -> tiles.a[kk + 8*(lane/16) + lane%8][m0 + 8*(lane/8%2)]
+      // pair = the B(k, n) quarters at (kk, n0), (kk+8, n0), (kk, n0+8), (kk+8, n0+8): the b
+      // fragments of the n8 tiles at n0 and n0+8:
+      //   lane -> tiles.b[kk + 8*(lane/8%2) + lane%8][n0 + 8*(lane/16)]
       const int a_k = 8 * (lane / 16) + lane % 8, a_m = 8 * (lane / 8 % 2);
       const int b_k = 8 * (lane / 8 % 2) + lane % 8, b_n = 8 * (lane / 16);
-      const int m0 = warp_row(), n0 = warp_col();
+      const int warp_m = warp_row(), warp_n = warp_col();
 #pragma unroll
       for (int kk = 0; kk < kBlockK; kk += kMmaK) {
         uint32_t a[kTilesM][4], b[kTilesN][2];
 #pragma unroll
         for (int i = 0; i < kTilesM; ++i)
-          ldmatrix_x4_trans(a[i], &tiles.a[kk + a_k][m0 + i * kMmaM + a_m]);
+          ldmatrix_x4_trans(a[i], &tiles.a[kk + a_k][warp_m + i * kMmaM + a_m]);
 #pragma unroll
         for (int j = 0; j < kTilesN; j += 2) {
           uint32_t pair[4];
-          ldmatrix_x4_trans(pair, &tiles.b[kk + b_k][n0 + j * kMmaN + b_n]);
+          ldmatrix_x4_trans(pair, &tiles.b[kk + b_k][warp_n + j * kMmaN + b_n]);
           b[j][0] = pair[0], b[j][1] = pair[1], b[j + 1][0] = pair[2], b[j + 1][1] = pair[3];
         }
 #pragma unroll
