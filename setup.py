@@ -61,6 +61,22 @@ def check_cuda_versions():
     return nvcc
 
 
+def check_arch_list(arch_list):
+    """The kernels use sm_80 instructions (mma.sync m16n8k16, ldmatrix, cp.async)."""
+    if arch_list is None:  # torch builds for the visible GPUs
+        capabilities = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        old = [f"{major}.{minor}" for major, minor in capabilities if major < 8]
+    else:
+        entries = arch_list.replace(",", ";").replace(" ", ";").split(";")
+        old = [e for e in entries if e and Version(re.match(r"[0-9.]+", e).group(0)).major < 8]
+    if old:
+        raise RuntimeError(
+            f"partialconv_cuda's CUDA kernels need compute capability 8.0 or newer (tensor-core "
+            f"instructions of sm_80); TORCH_CUDA_ARCH_LIST asks for {', '.join(old)}. Set "
+            "TORCH_CUDA_ARCH_LIST to 8.0 or newer targets, or build without CUDA (CUDA_HOME unset)."
+        )
+
+
 def write_build_info(with_cuda, arch_list):
     """Records what this build is, so that importing it under another torch fails clearly."""
     info = ROOT / "partialconv_cuda" / "_build_info.py"
@@ -84,6 +100,7 @@ def extension():
         nvcc = check_cuda_versions()
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        check_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "the visible GPU's")
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         print(f"partialconv_cuda: building CPU + CUDA kernels ({why}); nvcc {nvcc}, "

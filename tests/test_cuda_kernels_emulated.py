@@ -96,13 +96,28 @@ CASES = [
     dict(kernel=(2, 4), stride=(3, 2), padding=(1, 3), dilation=(1, 1), groups=1, mask="soft", activation=None, bias=False),
     dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1, mask="batch1", activation="leaky_relu"),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="empty", activation=None),
-    # a hole covering whole tiles: the forward skips their matrix work
+    # a hole over whole image rows, so whole row tiles see no valid pixel: the forward skips their
+    # matrix work (10 of 18 tiles of 64 rows, 4 of 9 of 128)
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="big_hole", activation="relu", n=2, cin=3, cout=5, size=(24, 24)),
     # enough rows and output channels for several tiles in both directions and a split-K grad_weight
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=5, cout=70, size=(36, 33)),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=5, cout=70, size=(36, 33), multiprocessors=1),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=0),
 ]
+
+
+# float16 and bfloat16 run on the tensor-core matrix core: 128x64 block tiles, the reduction walked
+# 32 at a time. Here: several tiles and k-steps, the last ones partial, in every product (forward
+# 132 x 131, grad_input 132 x 67, grad_weight 131 x 67; reductions 67, 131 and 132); a split-K
+# grad_weight (1122 output positions: slices of 576 and 546); skipped tiles; the empty batch.
+# Groups: CASES[2:4] in the low-precision test; int64 and channels_last: the layout test.
+TENSOR_CORE_CASES = [
+    dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, mask="single", activation="relu", n=1, cin=67, cout=131, size=(12, 11)),
+    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=1, cin=2, cout=3, size=(33, 34)),
+    CASES[8],
+    CASES[11],
+]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 
 def make_inputs(case, dtype, seed):
@@ -112,7 +127,7 @@ def make_inputs(case, dtype, seed):
     x, m, w, b = random_problem(n=n, cin=cin, cout=cout, size=size, kernel=case["kernel"], groups=case["groups"],
                                 bias=case.get("bias", True), mask=mask_kind, dtype=dtype, seed=seed)
     if case["mask"] == "big_hole":
-        m[:, :, 2:20, 1:22] = 0
+        m[:, :, 2:20, :] = 0
     out_h = (size[0] + 2 * case["padding"][0] - case["dilation"][0] * (case["kernel"][0] - 1) - 1) // case["stride"][0] + 1
     out_w = (size[1] + 2 * case["padding"][1] - case["dilation"][1] * (case["kernel"][1] - 1) - 1) // case["stride"][1] + 1
     grad = torch.randn(n, cout, out_h, out_w, generator=torch.Generator().manual_seed(seed + 1),
@@ -130,8 +145,11 @@ def compare(got, want, dtype):
 
 
 def case_id(case):
+    if isinstance(case, torch.dtype):
+        return str(case).removeprefix("torch.")
     return "k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-g{groups}-{mask}-{activation}".format(**case) + (
-        f"-n{case['n']}" if "n" in case else "") + (f"-sm{case['multiprocessors']}" if "multiprocessors" in case else "")
+        f"-n{case['n']}" if "n" in case else "") + (f"-c{case['cin']}x{case['cout']}" if "cin" in case else "") + (
+        f"-sm{case['multiprocessors']}" if "multiprocessors" in case else "")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -143,7 +161,7 @@ def test_emulated_kernels_float64(case, harness, tmp_path):
         compare(got[name], want[name], torch.float64)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES], ids=case_id)
 @pytest.mark.parametrize("case", CASES[1:4], ids=case_id)
 def test_emulated_kernels_low_precision(case, dtype, harness, tmp_path):
     inputs = make_inputs(case, dtype, seed=5)
@@ -153,26 +171,39 @@ def test_emulated_kernels_low_precision(case, dtype, harness, tmp_path):
         compare(got[name], want[name], dtype)
 
 
-@pytest.mark.parametrize("layout", [dict(index64=1), dict(channels_last=1), dict(index64=1, channels_last=1)],
-                         ids=["int64", "channels_last", "int64-channels_last"])
-@pytest.mark.parametrize("case", [CASES[2], CASES[9]], ids=case_id)
-def test_emulated_kernels_index_width_and_layout(case, layout, harness, tmp_path):
-    case = dict(case, **layout)
-    inputs = make_inputs(case, torch.float64, seed=11)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=case_id)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASES, ids=case_id)
+def test_emulated_tensor_core_kernels(case, dtype, harness, tmp_path):
+    inputs = make_inputs(case, dtype, seed=7)
     got = run_emulated(harness["address"], tmp_path, case, *inputs)
     want = expected(case, *inputs)
     for name in want:
-        compare(got[name], want[name], torch.float64)
+        compare(got[name], want[name], dtype)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[8]], ids=case_id)
-def test_emulated_kernels_race_free(case, harness, tmp_path):
+@pytest.mark.parametrize("layout", [dict(index64=1), dict(channels_last=1), dict(index64=1, channels_last=1)],
+                         ids=["int64", "channels_last", "int64-channels_last"])
+@pytest.mark.parametrize(("case", "dtype"), [(CASES[2], torch.float64), (CASES[9], torch.float64),
+                                             *((CASES[2], dtype) for dtype in HALF_DTYPES)], ids=case_id)
+def test_emulated_kernels_index_width_and_layout(case, dtype, layout, harness, tmp_path):
+    case = dict(case, **layout)
+    inputs = make_inputs(case, dtype, seed=11)
+    got = run_emulated(harness["address"], tmp_path, case, *inputs)
+    want = expected(case, *inputs)
+    for name in want:
+        compare(got[name], want[name], dtype)
+
+
+# CASES[1] walks the tensor-core core through several k-steps and row tiles.
+@pytest.mark.parametrize(("case", "dtype"), [(CASES[2], torch.float32), (CASES[8], torch.float32),
+                                             (CASES[1], torch.float16)], ids=case_id)
+def test_emulated_kernels_race_free(case, dtype, harness, tmp_path):
     """ThreadSanitizer: every shared-memory access of the emulated block is ordered by a barrier."""
-    inputs = make_inputs(case, torch.float32, seed=13)
+    inputs = make_inputs(case, dtype, seed=13)
     got = run_emulated(harness["thread"], tmp_path, case, *inputs)
     want = expected(case, *inputs)
     for name in want:
-        compare(got[name], want[name], torch.float32)
+        compare(got[name], want[name], dtype)
 
 
 def test_dividers(harness):

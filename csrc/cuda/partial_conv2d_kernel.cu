@@ -58,6 +58,14 @@ int64_t multiprocessor_count(int device) {
   return count;
 }
 
+// grad_weight's split-K count for the matrix core of the input's dtype.
+int64_t grad_weight_splits(const at::Tensor& input, const ConvGeometry& g) {
+  const int64_t multiprocessors = multiprocessor_count(input.get_device());
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "grad_weight_splits",
+      [&] { return cuda::grad_weight_splits<scalar_t>(g, multiprocessors); });
+}
+
 void check_cuda_limits(const ConvGeometry& g) {
   TORCH_CHECK_VALUE(g.groups <= 65535, "partial_conv2d (CUDA): expected groups <= 65535, got ",
                     g.groups);
@@ -82,8 +90,13 @@ std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::T
   auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, g);
   const bool wide = forward_needs_64bit_indexing(input, mask.value_or(at::Tensor()), weight, output,
                                                  mask_scales, g);
-  return c10::str("cuda: implicit GEMM on CUDA cores (", cuda::kBlockRows, "x", cuda::kBlockCols,
-                  " tiles; tiles of holes only skip the matrix work), ",
+  const std::string core = AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "forward_path_cuda", [&] {
+        using Core = cuda::MatrixCore<scalar_t>;
+        return c10::str(Core::kName, " (", Core::kInstruction, "; ", Core::kBlockRows, "x",
+                        Core::kBlockCols, " tiles");
+      });
+  return c10::str("cuda: implicit GEMM on ", core, "; tiles of holes only skip the matrix work), ",
                   wide ? "64-bit indexing (an offset or row count passes 2^31)" : "32-bit indexing");
 }
 
@@ -145,8 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
   const at::Tensor mask_scales = mask_scales_in.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool weight_kernels = need_weight && g.out_channels > 0;
-  const int64_t splits =
-      weight_kernels ? cuda::grad_weight_splits(g, multiprocessor_count(input.get_device())) : 0;
+  const int64_t splits = weight_kernels ? grad_weight_splits(input, g) : 0;
   const at::Tensor workspace =
       weight_kernels ? at::empty({cuda::grad_weight_workspace_elements(g, splits)},
                                  input.options().dtype(mask_scales_dtype(input.scalar_type())))

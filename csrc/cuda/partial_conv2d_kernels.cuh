@@ -1,12 +1,16 @@
-// CUDA kernels of partial_conv2d, torch-free so that the host emulation in
-// tests/cuda_emulation/ can compile and run this very source on a CPU.
+// CUDA kernels of partial_conv2d, torch-free (but for c10's two 16-bit float types) so that the
+// host emulation in tests/cuda_emulation/ can compile and run this very source on a CPU.
 //
-// All three matrix products are one templated implicit GEMM on CUDA cores
-// (implicit_gemm_kernel). A "problem" struct supplies its three separable pieces: the tile loaders
-// (load_a / load_b: the masked input, the scaled output gradient or the weight, gathered straight
-// from the tensors, never materialised), an optional prologue (the forward's mask counting and
-// tile skipping) and the epilogue. The matrix core in between knows nothing of convolutions, so a
-// tensor-core core can replace it without touching the rest.
+// All three matrix products are one templated implicit GEMM (implicit_gemm_kernel). A "problem"
+// struct supplies its three separable pieces: the tile loaders (load_a / load_b: the masked input,
+// the scaled output gradient or the weight, gathered straight from the tensors, never
+// materialised), an optional prologue (the forward's mask counting and tile skipping) and the
+// epilogue. The matrix core in between knows nothing of convolutions; it is chosen by the scalar
+// type (MatrixCore):
+//   float16, bfloat16  TensorCoreCore: 128x64 block tiles, 8 warps of 32x32, mma.sync.m16n8k16
+//                      on 16-bit operands (the loaders' float values rounded to scalar_t) with
+//                      float accumulators
+//   float32, float64   SimtCore: 64x64 block tiles on CUDA cores, 4x4 outputs per thread
 //
 //   forward     rows = output positions N*H'*W'   cols = C_out/g   reduction = C_in/g*kh*kw
 //   grad_input  rows = input positions N*H*W      cols = C_in/g    reduction = C_out/g*kh*kw
@@ -15,11 +19,16 @@
 //               deterministic).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "../partial_conv2d_math.h"
+#include "warp_mma.cuh"
 
 #ifndef PCONV_CUDA_EMULATION
 #include <cuda_runtime.h>
@@ -28,20 +37,6 @@
 namespace partialconv {
 namespace cuda {
 
-// Block tile: kBlockRows x kBlockCols outputs, the reduction walked kBlockK at a time. Each of the
-// 16 x 16 threads owns a 4 x 4 micro-tile at rows tx + 16*i and cols ty + 16*j, so consecutive
-// threads touch consecutive rows (coalesced stores along output positions, no shared-memory bank
-// conflicts on the A tile).
-constexpr int kBlockRows = 64;
-constexpr int kBlockCols = 64;
-constexpr int kBlockK = 16;
-constexpr int kThreadRows = 4;
-constexpr int kThreadCols = 4;
-constexpr int kThreadsX = kBlockRows / kThreadRows;
-constexpr int kThreadsY = kBlockCols / kThreadCols;
-constexpr int kThreads = kThreadsX * kThreadsY;
-// Threads that share one window when the forward prologue sums the mask.
-constexpr int kMaskSumParts = kThreads / kBlockRows;
 // Threads of the grad_bias reduction.
 constexpr int kBiasThreads = 256;
 
@@ -190,71 +185,233 @@ struct ScaledOutputGrad {
 };
 
 // ---------------------------------------------------------------------------------------------
-// The matrix core. blockIdx.z is passed to the problem as `z` (its group, or group and split).
+// Matrix cores. A core fixes the block tile (kBlockRows x kBlockCols outputs, the reduction walked
+// kBlockK at a time), the threads of a block, the shared operand tiles (their element type and
+// row padding) and the accumulators each thread holds: how they multiply a pair of tiles, and which
+// outputs (r, c) of the block tile they are.
+
+// The operand tiles of one reduction step, both k-major, each row padded by kPad elements:
+//   a[kk][r] = A(row0 + r, k0 + kk)     b[kk][c] = B(k0 + kk, col0 + c)
+template <typename T, int kK, int kRows, int kCols, int kPad>
+struct OperandTiles {
+  using Element = T;
+  alignas(16) T a[kK][kRows + kPad];
+  alignas(16) T b[kK][kCols + kPad];
+};
+
+// CUDA cores, operands in acc_t. Each of the 16 x 16 threads owns a 4 x 4 micro-tile at rows
+// tx + 16*i and cols ty + 16*j, so consecutive threads touch consecutive rows (coalesced stores
+// along output positions, no shared-memory bank conflicts on the A tile).
+struct SimtCore {
+  static constexpr int kBlockRows = 64, kBlockCols = 64, kBlockK = 16;
+  static constexpr int kThreadRows = 4, kThreadCols = 4;
+  static constexpr int kThreadsX = kBlockRows / kThreadRows, kThreadsY = kBlockCols / kThreadCols;
+  static constexpr int kThreads = kThreadsX * kThreadsY;
+  static constexpr const char* kName = "CUDA cores";
+  static constexpr const char* kInstruction = "fma";
+
+  template <typename acc_t>
+  using Tiles = OperandTiles<acc_t, kBlockK, kBlockRows, kBlockCols, 0>;
+
+  template <typename acc_t>
+  struct Accumulators {
+    acc_t value[kThreadRows][kThreadCols];
+
+    __device__ Accumulators() {
+#pragma unroll
+      for (int i = 0; i < kThreadRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kThreadCols; ++j) value[i][j] = acc_t(0);
+    }
+
+    __device__ void multiply(const Tiles<acc_t>& tiles) {
+      const int tx = int(threadIdx.x) % kThreadsX, ty = int(threadIdx.x) / kThreadsX;
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; ++kk) {
+        acc_t a[kThreadRows], b[kThreadCols];
+#pragma unroll
+        for (int i = 0; i < kThreadRows; ++i) a[i] = tiles.a[kk][tx + i * kThreadsX];
+#pragma unroll
+        for (int j = 0; j < kThreadCols; ++j) b[j] = tiles.b[kk][ty + j * kThreadsY];
+#pragma unroll
+        for (int i = 0; i < kThreadRows; ++i)
+#pragma unroll
+          for (int j = 0; j < kThreadCols; ++j) value[i][j] += a[i] * b[j];
+      }
+    }
+
+    // visit(r, c, sum) for every output of the thread, r and c within the block tile.
+    template <typename Visit>
+    __device__ void for_each(Visit&& visit) const {
+      const int tx = int(threadIdx.x) % kThreadsX, ty = int(threadIdx.x) / kThreadsX;
+#pragma unroll
+      for (int i = 0; i < kThreadRows; ++i)
+#pragma unroll
+        for (int j = 0; j < kThreadCols; ++j)
+          visit(tx + i * kThreadsX, ty + j * kThreadsY, value[i][j]);
+    }
+  };
+};
+
+// The mma.sync input format of a 16-bit scalar type.
+template <typename scalar_t>
+struct TensorCoreFormat {};
+template <>
+struct TensorCoreFormat<c10::Half> {
+  static constexpr Float16Format value = Float16Format::f16;
+};
+template <>
+struct TensorCoreFormat<c10::BFloat16> {
+  static constexpr Float16Format value = Float16Format::bf16;
+};
+
+// Tensor cores, operands in the 16-bit scalar_t, float accumulators. 8 warps in a 4 x 2 grid,
+// each computing a 32 x 32 warp tile as 2 x 4 mma.m16n8k16 tiles, two k16 steps per kBlockK.
+// Fragments come from the k-major tiles by ldmatrix .trans, which hands lane (g = lane / 4,
+// t = lane % 4) the elements (2t, g), (2t+1, g) of each 8x8 matrix it reads: with the matrix's
+// rows on k, that is A(g, 2t..2t+1) and B(2t..2t+1, g), the mma fragment layouts (warp_mma.cuh).
+template <typename scalar_t>
+struct TensorCoreCore {
+  static constexpr Float16Format kFormat = TensorCoreFormat<scalar_t>::value;
+  static constexpr int kBlockRows = 128, kBlockCols = 64, kBlockK = 32;
+  static constexpr int kWarpRows = 32, kWarpCols = 32;
+  static constexpr int kWarpsM = kBlockRows / kWarpRows, kWarpsN = kBlockCols / kWarpCols;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kMmaM = 16, kMmaN = 8, kMmaK = 16;
+  static constexpr int kTilesM = kWarpRows / kMmaM, kTilesN = kWarpCols / kMmaN;
+  // 8 elements (16 bytes) of padding make a tile row 272 or 144 bytes, 16 mod 128: the 8 rows
+  // that one ldmatrix matrix reads start in 8 distinct 16-byte bank groups, conflict free.
+  static constexpr int kPad = 8;
+  static constexpr const char* kName = "tensor cores";
+  static constexpr const char* kInstruction = "mma.sync m16n8k16, float accumulators";
+
+  template <typename acc_t>
+  using Tiles = OperandTiles<scalar_t, kBlockK, kBlockRows, kBlockCols, kPad>;
+
+  template <typename acc_t>
+  struct Accumulators {
+    static_assert(std::is_same<acc_t, float>::value, "mma.m16n8k16 accumulates in float");
+    // value[i][j]: mma tile (i, j) of the warp, in the C layout c0,c1: (g, 2t+{0,1}),
+    // c2,c3: (g+8, 2t+{0,1}).
+    float value[kTilesM][kTilesN][4];
+
+    __device__ Accumulators() {
+#pragma unroll
+      for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTilesN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) value[i][j][e] = 0.0f;
+    }
+
+    static __device__ int warp_row() { return int(threadIdx.x) / 32 % kWarpsM * kWarpRows; }
+    static __device__ int warp_col() { return int(threadIdx.x) / 32 / kWarpsM * kWarpCols; }
+
+    __device__ void multiply(const Tiles<acc_t>& tiles) {
+      const int lane = int(threadIdx.x) % 32;
+      // ldmatrix_x4 .trans: lanes 8q..8q+7 give the addresses of rows k = 0..7 of matrix q.
+      // a[i] = the A(m, k) quarters at (m0, kk), (m0+8, kk), (m0, kk+8), (m0+8, kk+8) of the mma
+      // tile whose rows start at m0:
+      //   lane -> tiles.a[kk + 8*(lane/16) + lane%8][m0 + 8*(lane/8%2)]
+      // pair = the B(k, n) quarters at (kk, n0), (kk+8, n0), (kk, n0+8), (kk+8, n0+8): the b
+      // fragments of the n8 tiles at n0 and n0+8:
+      //   lane -> tiles.b[kk + 8*(lane/8%2) + lane%8][n0 + 8*(lane/16)]
+      const int a_k = 8 * (lane / 16) + lane % 8, a_m = 8 * (lane / 8 % 2);
+      const int b_k = 8 * (lane / 8 % 2) + lane % 8, b_n = 8 * (lane / 16);
+      const int warp_m = warp_row(), warp_n = warp_col();
+#pragma unroll
+      for (int kk = 0; kk < kBlockK; kk += kMmaK) {
+        uint32_t a[kTilesM][4], b[kTilesN][2];
+#pragma unroll
+        for (int i = 0; i < kTilesM; ++i)
+          ldmatrix_x4_trans(a[i], &tiles.a[kk + a_k][warp_m + i * kMmaM + a_m]);
+#pragma unroll
+        for (int j = 0; j < kTilesN; j += 2) {
+          uint32_t pair[4];
+          ldmatrix_x4_trans(pair, &tiles.b[kk + b_k][warp_n + j * kMmaN + b_n]);
+          b[j][0] = pair[0], b[j][1] = pair[1], b[j + 1][0] = pair[2], b[j + 1][1] = pair[3];
+        }
+#pragma unroll
+        for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+          for (int j = 0; j < kTilesN; ++j)
+            mma_m16n8k16<kFormat>(value[i][j], a[i], b[j], value[i][j]);
+      }
+    }
+
+    // visit(r, c, sum) for every output of the thread, r and c within the block tile.
+    template <typename Visit>
+    __device__ void for_each(Visit&& visit) const {
+      const int lane = int(threadIdx.x) % 32;
+      const int r0 = warp_row() + lane / 4, c0 = warp_col() + 2 * (lane % 4);
+#pragma unroll
+      for (int i = 0; i < kTilesM; ++i)
+#pragma unroll
+        for (int j = 0; j < kTilesN; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            visit(r0 + i * kMmaM + 8 * (e / 2), c0 + j * kMmaN + e % 2, value[i][j][e]);
+    }
+  };
+};
+
+// Tensor cores for the 16-bit floats, CUDA cores for float32 and float64.
+template <typename scalar_t>
+using MatrixCore =
+    typename std::conditional<std::is_same<scalar_t, c10::Half>::value ||
+                                  std::is_same<scalar_t, c10::BFloat16>::value,
+                              TensorCoreCore<scalar_t>, SimtCore>::type;
+
+// ---------------------------------------------------------------------------------------------
+// The implicit GEMM on the problem's core. blockIdx.z is passed to the problem as `z` (its group,
+// or group and split).
 
 // The explicit minimum of one block per multiprocessor leaves ptxas the full register budget:
 // with only the thread count it capped the 64-bit double variants at 80 registers and spilled.
 template <typename Gemm>
-__global__ void __launch_bounds__(kThreads, 1) implicit_gemm_kernel(const Gemm gemm) {
+__global__ void __launch_bounds__(Gemm::Core::kThreads, 1) implicit_gemm_kernel(const Gemm gemm) {
+  using Core = typename Gemm::Core;
   using acc_t = typename Gemm::acc_t;
   using index_t = typename Gemm::index_t;
-  __shared__ acc_t a_tile[kBlockK][kBlockRows];  // A^T: conflict-free reads along rows
-  __shared__ acc_t b_tile[kBlockK][kBlockCols];
+  using Tiles = typename Core::template Tiles<acc_t>;
+  using Operand = typename Tiles::Element;
+  constexpr int kBlockRows = Core::kBlockRows, kBlockCols = Core::kBlockCols;
+  constexpr int kBlockK = Core::kBlockK, kThreads = Core::kThreads;
+  __shared__ Tiles tiles;
   __shared__ typename Gemm::Shared shared;
 
   const index_t row0 = index_t(blockIdx.x) * kBlockRows;
   const index_t col0 = index_t(blockIdx.y) * kBlockCols;
   const int z = int(blockIdx.z);
-  const int tx = int(threadIdx.x) % kThreadsX;
-  const int ty = int(threadIdx.x) / kThreadsX;
-  acc_t acc[kThreadRows][kThreadCols];
-#pragma unroll
-  for (int i = 0; i < kThreadRows; ++i)
-#pragma unroll
-    for (int j = 0; j < kThreadCols; ++j) acc[i][j] = acc_t(0);
+  typename Core::template Accumulators<acc_t> accumulators;
 
   // The prologue's answer is the same for every thread of the block.
   if (gemm.prologue(shared, row0, z)) {
     const index_t k_end = gemm.reduction_end(z);
     for (index_t k0 = gemm.reduction_begin(z); k0 < k_end; k0 += kBlockK) {
+      // Every tile element is written, those past the matrix with zeros.
       for (int e = int(threadIdx.x); e < kBlockK * kBlockRows; e += kThreads) {
         const int r = e % kBlockRows, kk = e / kBlockRows;
         const index_t row = row0 + r, k = k0 + kk;
-        a_tile[kk][r] = row < gemm.rows && k < k_end ? gemm.load_a(row, k, z) : acc_t(0);
+        tiles.a[kk][r] =
+            static_cast<Operand>(row < gemm.rows && k < k_end ? gemm.load_a(row, k, z) : acc_t(0));
       }
       for (int e = int(threadIdx.x); e < kBlockK * kBlockCols; e += kThreads) {
         const int c = e % kBlockCols, kk = e / kBlockCols;
         const index_t col = col0 + c, k = k0 + kk;
-        b_tile[kk][c] = col < gemm.cols && k < k_end ? gemm.load_b(k, col, z) : acc_t(0);
+        tiles.b[kk][c] =
+            static_cast<Operand>(col < gemm.cols && k < k_end ? gemm.load_b(k, col, z) : acc_t(0));
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < kBlockK; ++kk) {
-        acc_t a[kThreadRows], b[kThreadCols];
-#pragma unroll
-        for (int i = 0; i < kThreadRows; ++i) a[i] = a_tile[kk][tx + i * kThreadsX];
-#pragma unroll
-        for (int j = 0; j < kThreadCols; ++j) b[j] = b_tile[kk][ty + j * kThreadsY];
-#pragma unroll
-        for (int i = 0; i < kThreadRows; ++i)
-#pragma unroll
-          for (int j = 0; j < kThreadCols; ++j) acc[i][j] += a[i] * b[j];
-      }
+      accumulators.multiply(tiles);
       __syncthreads();
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < kThreadRows; ++i) {
-    const int r = tx + i * kThreadsX;
-    const index_t row = row0 + r;
-    if (row >= gemm.rows) continue;
-#pragma unroll
-    for (int j = 0; j < kThreadCols; ++j) {
-      const index_t col = col0 + ty + j * kThreadsY;
-      if (col < gemm.cols) gemm.epilogue(shared, r, row, col, acc[i][j], z);
-    }
-  }
+  accumulators.for_each([&](int r, int c, acc_t sum) {
+    const index_t row = row0 + r, col = col0 + c;
+    if (row < gemm.rows && col < gemm.cols) gemm.epilogue(shared, r, row, col, sum, z);
+  });
 }
 
 struct NoShared {};
@@ -262,10 +419,15 @@ struct NoShared {};
 // ---------------------------------------------------------------------------------------------
 // Forward: out[p, co] = epilogue(sum_k (X*M)[p, k] * W[co, k]); z = group.
 
-template <typename scalar_t, typename acc_t_, typename index_t_>
+template <typename scalar_t, typename acc_t_, typename index_t_, typename Core_>
 struct ForwardGemm {
   using acc_t = acc_t_;
   using index_t = index_t_;
+  using Core = Core_;
+  static constexpr int kBlockRows = Core::kBlockRows;
+  // Threads that share one window when the prologue sums the mask.
+  static constexpr int kMaskSumParts = Core::kThreads / kBlockRows;
+  static_assert(Core::kThreads % kBlockRows == 0, "the prologue needs whole threads per row");
 
   struct Shared {
     acc_t partial_sum[kMaskSumParts][kBlockRows];
@@ -374,10 +536,11 @@ struct ForwardGemm {
 // where p(q, ky, kx) is the output position whose tap (ky, kx) reads input position q (a
 // transposed convolution: taps off the stride grid contribute nothing); z = group.
 
-template <typename scalar_t, typename acc_t_, typename index_t_>
+template <typename scalar_t, typename acc_t_, typename index_t_, typename Core_>
 struct GradInputGemm {
   using acc_t = acc_t_;
   using index_t = index_t_;
+  using Core = Core_;
   using Shared = NoShared;
 
   ConvShape<index_t> g;
@@ -443,12 +606,14 @@ struct GradInputGemm {
 // grad_weight partial sums: for z = group * splits + split,
 //   partials[z][co][k] = sum_{p in the split's slice} dL/dconv[p, co] * (X*M)[p, k].
 
-// Slices of the N*H'*W' reduction: enough blocks to fill the GPU, each slice at least
-// kMinSplitRows long, and gridDim.z = groups * splits within its limit.
-inline int64_t grad_weight_splits(const ConvGeometry& g, int64_t multiprocessors) {
+// Slices of the N*H'*W' reduction: enough blocks of scalar_t's matrix core to fill the GPU, each
+// slice at least kMinSplitRows long, and gridDim.z = groups * splits within its limit.
+template <typename scalar_t>
+int64_t grad_weight_splits(const ConvGeometry& g, int64_t multiprocessors) {
+  using Core = MatrixCore<scalar_t>;
   constexpr int64_t kMinSplitRows = 1024, kMaxGridZ = 65535;
-  const int64_t tiles = ceil_div<int64_t>(g.out_channels_per_group(), kBlockRows) *
-                        ceil_div<int64_t>(g.reduction_size(), kBlockCols) * g.groups;
+  const int64_t tiles = ceil_div<int64_t>(g.out_channels_per_group(), Core::kBlockRows) *
+                        ceil_div<int64_t>(g.reduction_size(), Core::kBlockCols) * g.groups;
   const int64_t reduction = g.batch * g.out_positions();
   int64_t splits = ceil_div<int64_t>(2 * multiprocessors, tiles);
   const int64_t most = ceil_div<int64_t>(reduction, kMinSplitRows);
@@ -461,10 +626,11 @@ inline int64_t grad_weight_workspace_elements(const ConvGeometry& g, int64_t spl
   return g.groups * splits * g.out_channels_per_group() * g.reduction_size();
 }
 
-template <typename scalar_t, typename acc_t_, typename index_t_>
+template <typename scalar_t, typename acc_t_, typename index_t_, typename Core_>
 struct GradWeightGemm {
   using acc_t = acc_t_;
   using index_t = index_t_;
+  using Core = Core_;
   using Shared = NoShared;
 
   ConvShape<index_t> g;
@@ -487,7 +653,8 @@ struct GradWeightGemm {
         rows(g.out_channels_per_group()),
         cols(g.reduction_size()),
         reduction(g.batch * g.out_positions()) {
-    slice = ceil_div<index_t>(ceil_div<index_t>(reduction, index_t(splits)), kBlockK) * kBlockK;
+    slice = ceil_div<index_t>(ceil_div<index_t>(reduction, index_t(splits)), Core::kBlockK) *
+            Core::kBlockK;
   }
 
   PCONV_HOST_DEVICE index_t reduction_begin(int z) const { return index_t(z % splits) * slice; }
@@ -566,20 +733,26 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_
 #endif
 }
 
-template <typename Gemm>
-void launch_gemm(const Gemm& gemm, int64_t grid_z, cudaStream_t stream) {
+// The implicit GEMM of Problem (ForwardGemm, GradInputGemm or GradWeightGemm) on scalar_t's
+// matrix core; block and grid follow the core's tile.
+template <template <typename, typename, typename, typename> class Problem, typename scalar_t,
+          typename acc_t, typename index_t, typename Args>
+void launch_gemm(const Args& args, int64_t grid_z, cudaStream_t stream) {
+  using Core = MatrixCore<scalar_t>;
+  using Gemm = Problem<scalar_t, acc_t, index_t, Core>;
+  const Gemm gemm(args);
   if (gemm.rows == 0) return;  // nothing to compute, and a grid of size 0 is an invalid launch
   // At least one column tile, so the forward prologue still writes the mask outputs when
   // C_out == 0.
-  const int64_t col_tiles = ceil_div<int64_t>(int64_t(gemm.cols), kBlockCols);
-  const dim3 grid(unsigned(ceil_div<int64_t>(int64_t(gemm.rows), kBlockRows)),
+  const int64_t col_tiles = ceil_div<int64_t>(int64_t(gemm.cols), Core::kBlockCols);
+  const dim3 grid(unsigned(ceil_div<int64_t>(int64_t(gemm.rows), Core::kBlockRows)),
                   unsigned(col_tiles > 0 ? col_tiles : 1), unsigned(grid_z));
-  launch_kernel(implicit_gemm_kernel<Gemm>, grid, dim3(kThreads), stream, gemm);
+  launch_kernel(implicit_gemm_kernel<Gemm>, grid, dim3(Core::kThreads), stream, gemm);
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void launch_forward(const ForwardArgs<scalar_t, acc_t>& args, cudaStream_t stream) {
-  launch_gemm(ForwardGemm<scalar_t, acc_t, index_t>(args), args.geometry.groups, stream);
+  launch_gemm<ForwardGemm, scalar_t, acc_t, index_t>(args, args.geometry.groups, stream);
 }
 
 // The backward kernels for the gradients asked for; after_launch() runs after every launch (the
@@ -590,12 +763,12 @@ void launch_backward(const BackwardArgs<scalar_t, acc_t>& args, bool need_input,
                      bool need_bias, cudaStream_t stream, AfterLaunch&& after_launch) {
   const ConvGeometry& g = args.geometry;
   if (need_input && g.batch > 0) {
-    launch_gemm(GradInputGemm<scalar_t, acc_t, index_t>(args), g.groups, stream);
+    launch_gemm<GradInputGemm, scalar_t, acc_t, index_t>(args, g.groups, stream);
     after_launch();
   }
   if (need_weight && g.out_channels > 0) {
-    launch_gemm(GradWeightGemm<scalar_t, acc_t, index_t>(args), g.groups * args.grad_weight_splits,
-                stream);
+    launch_gemm<GradWeightGemm, scalar_t, acc_t, index_t>(args, g.groups * args.grad_weight_splits,
+                                                          stream);
     after_launch();
     const int64_t total = g.out_channels * g.reduction_size();
     const int64_t blocks = ceil_div<int64_t>(total, 256);

@@ -143,7 +143,7 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   Buffer<scalar_t> grad_input(g.batch, g.in_channels, g.in_height, g.in_width, cl);
   Buffer<scalar_t> grad_weight(g.out_channels, cin_g, g.kernel_h, g.kernel_w, false);
   Buffer<scalar_t> grad_bias(1, 1, 1, g.out_channels, false);
-  const int64_t splits = pc::grad_weight_splits(g, h.multiprocessors);
+  const int64_t splits = pc::grad_weight_splits<scalar_t>(g, h.multiprocessors);
   std::vector<acc_t> workspace(size_t(pc::grad_weight_workspace_elements(g, splits)));
   pc::BackwardArgs<scalar_t, acc_t> backward{
       g,
