@@ -1,6 +1,18 @@
 """Shared test helpers: random problems, masks, and the CUDA marker."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+
+# The benchmark package (bench/) is not installed; its tests import it from the source tree. It is
+# appended, not prepended, so that `partialconv_cuda` still resolves to the installed package.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+# A fresh Inductor cache per test session: its FX graph cache does not key on an op's fake
+# implementation, so a cache from an older build can replay stale output shapes.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="partialconv_inductor_"))
 
 CUDA = torch.cuda.is_available()
 # Where the op runs: the CPU's two paths, each forced (PARTIALCONV_CPU_PATH), and CUDA.
@@ -15,6 +27,10 @@ def device(request, monkeypatch):
     if cpu_path:
         monkeypatch.setenv("PARTIALCONV_CPU_PATH", cpu_path)
     return device
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
 
 
 def pytest_collection_modifyitems(config, items):
