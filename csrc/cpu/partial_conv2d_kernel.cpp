@@ -155,28 +155,73 @@ Span inside_span(const Run& piece, int64_t offset, int64_t stride, int64_t width
   return {lo, std::max(lo, std::min(hi, (width - 1 - offset) / stride + 1))};
 }
 
+// Window sums of one single-channel mask plane at every output position, separably: along x for
+// every input row (into row_sums, H x W'), then along y. Taps in the padding add nothing.
+template <typename acc_t, typename T>
+void plane_window_sums(const T* plane, int64_t stride_h, int64_t stride_w, const ConvGeometry& g,
+                       acc_t* row_sums, acc_t* sums) {
+  at::parallel_for(0, g.in_height, grain(g.out_width * g.kernel_w), [&](int64_t begin, int64_t end) {
+    for (int64_t iy = begin; iy < end; ++iy)
+      for (int64_t ox = 0; ox < g.out_width; ++ox) {
+        acc_t sum = acc_t(0);
+        for (int64_t kx = 0; kx < g.kernel_w; ++kx) {
+          const int64_t ix = input_coord<int64_t>(ox, kx, g.stride_w, g.pad_w, g.dilation_w);
+          if (ix >= 0 && ix < g.in_width) sum += acc_t(plane[iy * stride_h + ix * stride_w]);
+        }
+        row_sums[iy * g.out_width + ox] = sum;
+      }
+  });
+  at::parallel_for(0, g.out_height, grain(g.out_width * g.kernel_h), [&](int64_t begin, int64_t end) {
+    for (int64_t oy = begin; oy < end; ++oy) {
+      acc_t* out = sums + oy * g.out_width;
+      std::fill(out, out + g.out_width, acc_t(0));
+      for (int64_t ky = 0; ky < g.kernel_h; ++ky) {
+        const int64_t iy = input_coord<int64_t>(oy, ky, g.stride_h, g.pad_h, g.dilation_h);
+        if (iy < 0 || iy >= g.in_height) continue;
+        const acc_t* row = row_sums + iy * g.out_width;
+        for (int64_t ox = 0; ox < g.out_width; ++ox) out[ox] += row[ox];
+      }
+    }
+  });
+}
+
 // Window sums S, and from them ratio and U, for every output position of every mask image. A
 // multi-channel mask is first summed over its channels in one contiguous pass (the window sum of
-// the channel sum is S), so the windows never walk the channel dimension.
+// the channel sum is S), so the windows never walk the channel dimension. Without a mask S is the
+// count of taps inside the image (window_mask_sum of a null mask).
 template <typename scalar_t>
 void compute_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_scales,
                          at::Tensor& updated_mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor summed =
-      g.multi_channel_mask() ? at::sum(mask, {1}, /*keepdim=*/true, mask_scales.scalar_type()) : at::Tensor();
-  const Strided4d<const scalar_t> single(summed.defined() ? at::Tensor() : mask);
-  const Strided4d<const acc_t> multi(summed);
+  const auto acc_dtype = mask_scales.scalar_type();
+  const int64_t P = g.out_positions();
+  const at::Tensor sums = at::empty({g.mask_batch, P}, mask_scales.options());
+  acc_t* sums_data = sums.data_ptr<acc_t>();
+  if (mask.defined()) {
+    const at::Tensor plane = g.multi_channel_mask() ? at::sum(mask, {1}, /*keepdim=*/true, acc_dtype) : mask;
+    const at::Tensor row_sums = at::empty({g.in_height, g.out_width}, mask_scales.options());
+    for (int64_t nm = 0; nm < g.mask_batch; ++nm) {
+      if (g.multi_channel_mask())
+        plane_window_sums(plane.const_data_ptr<acc_t>() + nm * plane.stride(0), plane.stride(2),
+                          plane.stride(3), g, row_sums.data_ptr<acc_t>(), sums_data + nm * P);
+      else
+        plane_window_sums(plane.const_data_ptr<scalar_t>() + nm * plane.stride(0), plane.stride(2),
+                          plane.stride(3), g, row_sums.data_ptr<acc_t>(), sums_data + nm * P);
+    }
+  } else {
+    at::parallel_for(0, P, grain(g.taps()), [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        sums_data[p] = window_mask_sum<acc_t, scalar_t, int64_t>(nullptr, 1, 0, 0, 0, g, p / g.out_width,
+                                                                 p % g.out_width);
+    });
+  }
   acc_t* scales = mask_scales.mutable_data_ptr<acc_t>();
   scalar_t* update = updated_mask.mutable_data_ptr<scalar_t>();
-  const int64_t P = g.out_positions();
   const acc_t window_size = acc_t(g.window_size());
-  at::parallel_for(0, g.mask_batch * P, grain(g.taps()), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.mask_batch * P, grain(4), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = i % P, nm = i / P, oy = p / g.out_width, ox = p % g.out_width;
-      const acc_t sum =
-          multi.data ? window_mask_sum<acc_t, acc_t, int64_t>(multi.image(nm), 1, 0, multi.s2, multi.s3, g, oy, ox)
-                     : window_mask_sum<acc_t, scalar_t, int64_t>(single.image(nm), 1, 0, single.s2, single.s3, g, oy, ox);
-      const MaskScale<acc_t> scale = mask_scale(sum, window_size);
+      const int64_t p = i % P, nm = i / P;
+      const MaskScale<acc_t> scale = mask_scale(sums_data[i], window_size);
       scales[(2 * nm) * P + p] = scale.ratio;
       scales[(2 * nm + 1) * P + p] = scale.update;
       update[i] = static_cast<scalar_t>(scale.update);
@@ -237,6 +282,34 @@ void pack_columns(const Strided4d<const scalar_t>& x, const Strided4d<const scal
   });
 }
 
+// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count. The
+// activation is a template argument and the unit stride its own loop, so that the loop vectorises.
+template <Activation act, typename scalar_t, typename acc_t>
+void write_output_row(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
+                      acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
+  if (out_stride == 1) {
+    for (int64_t i = 0; i < count; ++i)
+      out[i] = static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+  } else {
+    for (int64_t i = 0; i < count; ++i)
+      out[i * out_stride] =
+          static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void write_output_row(Activation act, const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
+                      acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
+  switch (act) {
+    case Activation::kNone:
+      return write_output_row<Activation::kNone>(conv, ratio, update, bias, slope, out, out_stride, count);
+    case Activation::kRelu:
+      return write_output_row<Activation::kRelu>(conv, ratio, update, bias, slope, out, out_stride, count);
+    case Activation::kLeakyRelu:
+      return write_output_row<Activation::kLeakyRelu>(conv, ratio, update, bias, slope, out, out_stride, count);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Packed path: only the positions whose window sees a valid pixel, im2col-packed chunk by chunk
 // and multiplied by the weight (GEMM through ATen).
@@ -283,11 +356,8 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
             const acc_t* conv_row = conv_data + co * count;
             for (const Run& piece : chunk) {
               const int64_t p0 = piece.oy * g.out_width + piece.ox_begin;
-              scalar_t* out_row = &out(n, c, piece.oy, piece.ox_begin);
-              for (int64_t i = 0; i < piece.size(); ++i)
-                out_row[i * out.s3] = static_cast<scalar_t>(partial_conv_output(
-                    conv_row[i], MaskScale<acc_t>{scales.ratio[p0 + i], scales.update[p0 + i]},
-                    bias_c, problem.activation, slope));
+              write_output_row(problem.activation, conv_row, scales.ratio + p0, scales.update + p0, bias_c, slope,
+                               &out(n, c, piece.oy, piece.ox_begin), out.s3, piece.size());
               conv_row += piece.size();
             }
           }
@@ -445,10 +515,21 @@ struct Band {
   int64_t begin, end;
 };
 
-// Runs of output rows holding a valid position, split to at most kBandElements of input copy.
+// Output rows per band: about kBandElements of masked input copy.
+int64_t most_band_rows(const ConvGeometry& g) {
+  return std::min(g.out_height, std::max<int64_t>(1, kBandElements / (g.in_channels * g.in_width * g.stride_h)));
+}
+
+// Elements of the largest band's masked input copy.
+int64_t band_buffer_elements(const ConvGeometry& g) {
+  const int64_t rows = most_band_rows(g);
+  return g.in_channels * g.in_width * ((rows - 1) * g.stride_h + g.dilation_h * (g.kernel_h - 1) + 1);
+}
+
+// Runs of output rows holding a valid position, split to at most most_band_rows() each.
 template <typename acc_t>
 std::vector<Band> plan_bands(ImageScales<acc_t> scales, const ConvGeometry& g) {
-  const int64_t most = std::max<int64_t>(1, kBandElements / std::max<int64_t>(1, g.in_channels * g.in_width * g.stride_h));
+  const int64_t most = most_band_rows(g);
   std::vector<Band> bands;
   for (int64_t oy = 0; oy < g.out_height; ++oy) {
     const acc_t* update = scales.update + oy * g.out_width;
@@ -513,7 +594,7 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const Strided4d<const scalar_t> x(input), m(mask);
   const Strided4d<scalar_t> out(output);
   const acc_t slope = acc_t(problem.negative_slope);
-  const at::Tensor buffer = at::empty({kBandElements + g.in_channels * g.in_width * (g.dilation_h * g.kernel_h + g.stride_h)}, acc_options);
+  const at::Tensor buffer = at::empty({band_buffer_elements(g)}, acc_options);
   const int64_t stride[2] = {g.stride_h, g.stride_w}, padding[2] = {0, g.pad_w};
   const int64_t dilation[2] = {g.dilation_h, g.dilation_w};
 
@@ -533,12 +614,8 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
           const int64_t c = i / band_rows, oy = band.begin + i % band_rows;
           const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
           const acc_t* conv_row = conv_data + i * g.out_width;
-          const acc_t* ratio = scales.ratio + oy * g.out_width;
-          const acc_t* update = scales.update + oy * g.out_width;
-          scalar_t* out_row = &out(n, c, oy, 0);
-          for (int64_t ox = 0; ox < g.out_width; ++ox)
-            out_row[ox * out.s3] = static_cast<scalar_t>(partial_conv_output(
-                conv_row[ox], MaskScale<acc_t>{ratio[ox], update[ox]}, bias_c, problem.activation, slope));
+          write_output_row(problem.activation, conv_row, scales.ratio + oy * g.out_width,
+                           scales.update + oy * g.out_width, bias_c, slope, &out(n, c, oy, 0), out.s3, g.out_width);
         }
       });
     }
@@ -562,7 +639,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   at::Tensor grad_bias_acc = at::zeros({g.out_channels}, acc_options);
   // grad_input of one image before the multiplication by M.
   at::Tensor grad_image = at::zeros({need_input ? g.in_channels : 0, g.in_height, g.in_width}, acc_options);
-  const at::Tensor buffer = at::empty({kBandElements + g.in_channels * g.in_width * (g.dilation_h * g.kernel_h + g.stride_h)}, acc_options);
+  const at::Tensor buffer = at::empty({band_buffer_elements(g)}, acc_options);
   const Strided4d<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const Strided4d<scalar_t> gin(grad_input);
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
@@ -643,12 +720,16 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
 // ---------------------------------------------------------------------------------------------
 // Which path a call takes.
 
-// Below this fraction of output positions with a valid pixel in their window, the packed path
+// Below these fractions of output positions with a valid pixel in their window, the packed path
 // (which skips every such position, at a higher cost per position) beats the dense path (which
-// skips only whole rows). Measured on 2 AMD EPYC cores, float32; see bench/NOTES.md.
-constexpr double kPackedBelowValidFraction = 0.55;
+// skips only rows without one). Backward gains more from packing than forward does. Measured on
+// 2 AMD EPYC cores, float32, enc2 and dec2 of PConvUNet with irregular masks, by
+// `python -m bench.cpu_paths`; see bench/NOTES.md.
+constexpr double kForwardPackedBelowValidFraction = 0.25;
+constexpr double kBackwardPackedBelowValidFraction = 0.5;
 
 enum class CpuPath { kDenseBands, kPackedPositions };
+enum class Pass { kForward, kBackward };
 
 const char* path_name(CpuPath path) {
   return path == CpuPath::kDenseBands ? "dense bands through ATen's convolution"
@@ -668,13 +749,15 @@ double valid_fraction(const at::Tensor& mask_scales, const ConvGeometry& g) {
 
 // PARTIALCONV_CPU_PATH=dense or packed forces a path (tests run both); otherwise the valid
 // fraction decides.
-CpuPath choose_path(double valid) {
+CpuPath choose_path(double valid, Pass pass) {
   const char* forced = std::getenv("PARTIALCONV_CPU_PATH");
   if (forced != nullptr && std::string_view(forced) == "dense") return CpuPath::kDenseBands;
   if (forced != nullptr && std::string_view(forced) == "packed") return CpuPath::kPackedPositions;
   TORCH_CHECK_VALUE(forced == nullptr || *forced == '\0' || std::string_view(forced) == "auto",
                     "PARTIALCONV_CPU_PATH must be 'auto', 'dense' or 'packed', got '", forced, "'");
-  return valid < kPackedBelowValidFraction ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
+  const double threshold =
+      pass == Pass::kForward ? kForwardPackedBelowValidFraction : kBackwardPackedBelowValidFraction;
+  return valid < threshold ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
 }
 
 std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Tensor>& mask,
@@ -690,10 +773,12 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   });
   const char* forced = std::getenv("PARTIALCONV_CPU_PATH");
   const bool is_forced = forced != nullptr && *forced != '\0' && std::string_view(forced) != "auto";
-  return c10::str("cpu: ", path_name(choose_path(valid)), " (",
+  return c10::str("cpu: ", path_name(choose_path(valid, Pass::kForward)),
+                  " (backward: ", path_name(choose_path(valid, Pass::kBackward)), "; ",
                   is_forced ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
                             : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; ",
-                                       "the packed path is taken below ", kPackedBelowValidFraction * 100, "%"),
+                                       "the packed path is taken below ", kForwardPackedBelowValidFraction * 100,
+                                       "% forward, ", kBackwardPackedBelowValidFraction * 100, "% backward"),
                   ")");
 }
 
@@ -704,7 +789,7 @@ void forward_kernel(const at::Tensor& input, const at::Tensor& mask, const at::T
   using acc_t = at::opmath_type<scalar_t>;
   compute_mask_scales<scalar_t>(mask, problem.geometry, mask_scales, updated_mask);
   if (output.numel() == 0) return;
-  if (choose_path(valid_fraction<acc_t>(mask_scales, problem.geometry)) == CpuPath::kDenseBands)
+  if (choose_path(valid_fraction<acc_t>(mask_scales, problem.geometry), Pass::kForward) == CpuPath::kDenseBands)
     forward_bands<scalar_t>(input, mask, weight, bias, problem, output, mask_scales);
   else
     forward_packed<scalar_t>(input, mask, weight, bias, problem, output, mask_scales);
@@ -717,7 +802,7 @@ void backward_kernel(const at::Tensor& grad_output, const at::Tensor& input, con
                      std::array<bool, 3> output_mask, at::Tensor& grad_input,
                      at::Tensor& grad_weight, at::Tensor& grad_bias) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (choose_path(valid_fraction<acc_t>(mask_scales, problem.geometry)) == CpuPath::kDenseBands)
+  if (choose_path(valid_fraction<acc_t>(mask_scales, problem.geometry), Pass::kBackward) == CpuPath::kDenseBands)
     backward_bands<scalar_t>(grad_output, input, mask, weight, output, mask_scales, problem,
                              output_mask, grad_input, grad_weight, grad_bias);
   else
