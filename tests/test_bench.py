@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench.contenders
+from bench import cpu_paths
 from bench.report import multiply_add_check
 from bench.run import main
 from bench.timing import rotation_count
@@ -107,3 +108,10 @@ def test_rotation_covers_twice_the_cache_within_limits():
     assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**34) == 2
     assert rotation_count(set_bytes=2**10, cache_bytes=2**30, memory_budget_bytes=2**34) == 16
     assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**29) == 1
+
+
+def test_cpu_path_timing_prints_a_row_per_hole_ratio(capsys):
+    cpu_paths.main(["--layers", "enc7", "--threads", "1"])  # a 4x4 input: quick
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| enc7 |")]
+    assert len(rows) == len(cpu_paths.HOLE_RATIOS)
+    assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[3:])
