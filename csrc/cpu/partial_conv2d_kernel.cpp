@@ -745,11 +745,11 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
 
 // Below these fractions of output positions with a valid pixel in their window, the packed path
 // (which skips every such position, at a higher cost per position) beats the dense path (which
-// skips only rows without one). Backward gains more from packing than forward does. Measured on
+// skips only rows without one). Measured on
 // 2 AMD EPYC cores, float32, enc2 and dec2 of PConvUNet with irregular masks, by
 // `python -m bench.cpu_paths`; see bench/NOTES.md.
 constexpr double kForwardPackedBelowValidFraction = 0.25;
-constexpr double kBackwardPackedBelowValidFraction = 0.5;
+constexpr double kBackwardPackedBelowValidFraction = 0.3;
 
 enum class CpuPath { kDenseBands, kPackedPositions };
 enum class Pass { kForward, kBackward };
