@@ -1,5 +1,7 @@
 """Shared test helpers: random problems, masks, and the CUDA marker."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,7 +14,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 # A fresh Inductor cache per test session: its FX graph cache does not key on an op's fake
 # implementation, so a cache from an older build can replay stale output shapes.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="partialconv_inductor_"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="partialconv_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 CUDA = torch.cuda.is_available()
 # Where the op runs: the CPU's two paths, each forced (PARTIALCONV_CPU_PATH), and CUDA.

@@ -110,3 +110,38 @@ def test_low_precision_gradients(dtype):
         assert ours.grad.dtype == dtype
         scale = expected.grad.abs().amax()
         torch.testing.assert_close(ours.grad.double(), expected.grad, rtol=4 * eps, atol=4 * eps * scale)
+
+
+@pytest.mark.parametrize("shape", [
+    # Rows of holes wide enough that some output rows see no valid pixel: several bands per image,
+    # the first and last bands reaching into the padding by different amounts.
+    dict(cin=3, size=(23, 9), kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), stripes=True),
+    dict(cin=3, size=(24, 7), kernel=(5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 1), stripes=True),
+    dict(cin=2, size=(25, 8), kernel=(3, 3), stride=(1, 2), padding=(3, 1), dilation=(2, 1), stripes=True),
+    # An image too large for one band (2^21 elements of masked input per band): three bands.
+    dict(cin=16, size=(70, 4096), kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), stripes=False),
+], ids=["stripes-3x3", "stripes-5x3-s2", "stripes-dilated", "size-split"])
+def test_dense_path_with_several_bands_matches_reference(shape, monkeypatch):
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH", "dense")
+    g = torch.Generator().manual_seed(11)
+    height, width = shape["size"]
+    x = torch.randn(2, shape["cin"], height, width, generator=g, dtype=torch.float64)
+    w = torch.randn(2, shape["cin"], *shape["kernel"], generator=g, dtype=torch.float64)
+    b = torch.randn(2, generator=g, dtype=torch.float64)
+    m = (torch.rand(2, 1, height, width, generator=g) > 0.3).double()
+    if shape["stripes"]:
+        m[:, :, 6:13] = 0  # 7 hole rows: wider than any window here
+        m[1, :, 16:] = 0   # the second image also loses its bottom rows
+    kwargs = dict(stride=shape["stride"], padding=shape["padding"], dilation=shape["dilation"],
+                  activation="leaky_relu", negative_slope=0.2)
+    results = []
+    for fn in (partial_conv2d, partial_conv2d_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out, updated = fn(leaves[0], m, leaves[1], leaves[2], **kwargs)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype))
+        results.append([out.detach(), updated] + [t.grad for t in leaves])
+    if shape["stripes"]:
+        empty_rows = (results[1][1] == 0).all(dim=-1)  # output rows no band covers
+        assert empty_rows[0].any() and not empty_rows[0].all(), "the stripes should split image 0 into bands"
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)

@@ -499,8 +499,6 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
 // Elements of one band's masked input copy.
 constexpr int64_t kBandElements = int64_t(1) << 21;
 
-// Input rows [first, first + count) read by output rows [oy_begin, oy_end); rows outside the
-// image are the zero padding.
 // The input rows a band of output rows reads: `count` rows from `first` are copied (rows outside
 // the image as zeros), and `pad` more zero rows on either side are left to the convolution's own
 // padding. The padding both sides share is passed on rather than copied, so that a band covering
@@ -745,9 +743,8 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
 
 // Below these fractions of output positions with a valid pixel in their window, the packed path
 // (which skips every such position, at a higher cost per position) beats the dense path (which
-// skips only rows without one). Measured on
-// 2 AMD EPYC cores, float32, enc2 and dec2 of PConvUNet with irregular masks, by
-// `python -m bench.cpu_paths`; see bench/NOTES.md.
+// skips only rows without one). Measured on 2 AMD EPYC cores, float32, enc2 and dec2 of PConvUNet
+// with irregular masks, by `python -m bench.cpu_paths`; see bench/NOTES.md.
 constexpr double kForwardPackedBelowValidFraction = 0.25;
 constexpr double kBackwardPackedBelowValidFraction = 0.3;
 
