@@ -101,27 +101,47 @@ def _shape(record):
 RATIOS = (("ours vs nvidia", NVIDIA, OURS), ("ours vs seed", SEED, OURS), ("ours / conv2d", OURS, CONV2D))
 
 
+def _floor_ms(by_contender):
+    """The roofline floor of a row: the one computed for ours, whose minimum bytes include the mask
+    (None for runs recorded before floors were)."""
+    record = by_contender.get(OURS)
+    return record.get("floor_ms") if record else None
+
+
+def _over_floor(by_contender):
+    record, floor = by_contender.get(OURS), _floor_ms(by_contender)
+    return record["median_ms"] / floor if ok(record) and floor else None
+
+
 def layer_table(rows, contenders):
-    """Side-by-side times of the contenders for each (layer, holes) row, with ours' ratios; for
-    several rows, their sums and the geometric means of the ratios."""
+    """Side-by-side times of the contenders for each (layer, holes) row, with ours' ratios and the
+    roofline floor; for several rows, their sums and the geometric means of the ratios."""
     footnotes = []
-    header = ["layer", "shape", "GMAC", "holes"] + [f"{c} ms" for c in contenders] + [t for t, _, _ in RATIOS]
+    floors = any(_floor_ms(by_contender) is not None for by_contender in rows.values())
+    header = (["layer", "shape", "GMAC", "holes"] + [f"{c} ms" for c in contenders] + [t for t, _, _ in RATIOS]
+              + (["floor ms", "ours / floor"] if floors else []))
     lines = []
     for by_contender in rows.values():
         first = next(iter(by_contender.values()))
         lines.append([first["layer"], _shape(first), _number(first["gmac"]), f"{first['layer_holes']:.0%}"]
                      + [_time_cell(by_contender.get(c), footnotes) for c in contenders]
-                     + [_ratio(speedup(by_contender.get(a), by_contender.get(b))) for _, a, b in RATIOS])
+                     + [_ratio(speedup(by_contender.get(a), by_contender.get(b))) for _, a, b in RATIOS]
+                     + ([_number(_floor_ms(by_contender)), _ratio(_over_floor(by_contender))] if floors else []))
     if len(rows) > 1:
         totals = {}
         for contender in set(contenders) | {c for _, a, b in RATIOS for c in (a, b)}:
             records = [by_contender.get(contender) for by_contender in rows.values()]
             totals[contender] = sum(r["median_ms"] for r in records) if all(map(ok, records)) else None
         gmac = sum(next(iter(by_contender.values()))["gmac"] for by_contender in rows.values())
+        row_floors = [_floor_ms(by_contender) for by_contender in rows.values()]
+        floor_total = sum(row_floors) if floors and None not in row_floors else None
         lines.append(["**sum of the rows**", "", _number(gmac), ""] + [_number(totals[c]) for c in contenders]
-                     + [_ratio(totals[a] / totals[b] if totals[a] and totals[b] else None) for _, a, b in RATIOS])
+                     + [_ratio(totals[a] / totals[b] if totals[a] and totals[b] else None) for _, a, b in RATIOS]
+                     + ([_number(floor_total), _ratio(totals[OURS] / floor_total if totals[OURS] and floor_total
+                                                      else None)] if floors else []))
         means = [geometric_mean([speedup(r.get(a), r.get(b)) for r in rows.values()]) for _, a, b in RATIOS]
-        lines.append(["**geometric mean**", "", "", ""] + [""] * len(contenders) + [_ratio(m) for m in means])
+        lines.append(["**geometric mean**", "", "", ""] + [""] * len(contenders) + [_ratio(m) for m in means]
+                     + (["", _ratio(geometric_mean([_over_floor(r) for r in rows.values()]))] if floors else []))
     return "\n".join([_table(header, lines, ["---", "---"] + ["---:"] * (len(header) - 2))]
                      + _footnote_lines(footnotes))
 
@@ -187,6 +207,8 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
         "",
     ]
     lines += [f"- {note}" for note in run["notes"]]
+    lines += [f"- roofline peaks for {dtype}: {peaks['tflops']:.3g} TFLOP/s, {peaks['gbps']:.3g} GB/s ({peaks['how']})"
+              for dtype, peaks in (run.get("peaks") or {}).items()]
     lines += ["", "## Speedups of ours (geometric mean over the layer suite)", ""]
     summary = speedups(run)
     lines.append(_table(["dtype", "pass"] + [f"vs {c}" for c in (SEED, NVIDIA, CONV2D, OURS_COMPILED)], [
@@ -231,6 +253,11 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
         "- `holes`: fraction of hole pixels in the mask the layer gets. In the layer suite every layer "
         "gets the mask it sees inside PConvUNet, propagated from an irregular image mask; deep layers "
         "have few holes left.",
+        "- `floor ms`: the least time the row's work could take here, max(FLOPs / peak TFLOP/s, "
+        "minimum bytes of ours / peak GB/s), from the peaks measured at the start of the run (listed at "
+        "the top: the best rate of a large matrix product or convolution, and of a large copy). `ours / floor` "
+        "is how far "
+        "ours is from it.",
         "- TFLOP/s: 2 · GMAC (forward) or 2 · GMAC · (2 or 3) (forward + backward: grad_weight, and "
         "grad_input except for enc1, whose input is the image) divided by the median time.",
         "- GB/s: minimum bytes divided by the median time. Minimum bytes: input, mask, weight, bias, "

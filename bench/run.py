@@ -22,6 +22,7 @@ from . import THREADS_PINNED
 from .contenders import CONTENDERS, CONV2D, NVIDIA, OURS, OURS_COMPILED, make_contenders
 from .network import NETWORK, NetworkWorkload, TrainingStep, network_depth
 from .progress import Progress
+from .roofline import floor_ms, measure_peaks
 from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, write_plot
 from .timing import Clock, Measurement, Policy, last_level_cache_bytes, rotation_count
 from .workloads import HOLE_SWEEP, LAYER_NAMES, SUITE, MaskBank, layer_workloads, make_inputs
@@ -218,16 +219,25 @@ class Runner:
         self.memory_budget = (torch.cuda.get_device_properties(settings.device).total_memory // 8
                               if settings.device == "cuda" else 2**30)
         self.progress = Progress(self.measurement_count())
+        self.peaks = {}  # dtype name -> measure_peaks(): the roofline under every time of that dtype
 
     def run(self):
         records = []
         for dtype_name in self.settings.dtypes:
+            self.peaks[dtype_name] = measure_peaks(self.settings.device, DTYPES[dtype_name],
+                                                   self.floor_matmul_dtype(DTYPES[dtype_name]))
             for workload in self.workloads(dtype_name):
                 records += self.run_layer(workload, dtype_name)
             if self.settings.network:
                 records += self.run_network(dtype_name)
         self.progress.close()
         return records
+
+    def floor_matmul_dtype(self, dtype):
+        """The dtype whose matrix-product rate bounds a layer in `dtype`: itself, except for a half
+        type on a CPU without native support for it, which the CPU kernels compute in float32."""
+        half = dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if half and self.settings.device == "cpu" and not native_cpu_support(dtype) else dtype
 
     def workloads(self, dtype_name):
         s = self.settings
@@ -286,6 +296,7 @@ class Runner:
                               gflop=workload.gflop(pass_ == FWD_BWD))
                 min_bytes = workload.min_bytes(pass_ == FWD_BWD, first.input.element_size(),
                                                with_mask=contender.name != CONV2D)
+                record["floor_ms"] = floor_ms(record["gflop"], min_bytes, self.peaks[dtype_name])
                 records.append(self.with_outcome(record, outcomes.get(contender.name, check), min_bytes))
             self.progress.advance(len(contenders))
         return records
@@ -380,7 +391,8 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
 
-    records = Runner(settings).run()
+    runner = Runner(settings)
+    records = runner.run()
     run = {
         "device": device,
         "torch": torch.__version__,
@@ -394,6 +406,7 @@ def main(argv=None):
                         if settings.device == "cuda" else None,
         "settings": dataclasses.asdict(settings),
         "notes": notes,
+        "peaks": runner.peaks,
         "results": records,
     }
     paths = write_results(run, args.out, output_stem(settings, device, now.strftime("%Y-%m-%d")),

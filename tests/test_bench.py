@@ -7,6 +7,7 @@ import torch
 import bench.contenders
 from bench import cpu_paths
 from bench.report import multiply_add_check
+from bench.roofline import floor_ms
 from bench.run import main
 from bench.timing import rotation_count
 from bench.workloads import SUITE, concatenated_mask, layer_workloads, unet_layer_masks
@@ -15,7 +16,7 @@ from partialconv_cuda.models import PConvUNet
 
 RECORD_KEYS = {"layer", "contender", "dtype", "pass", "holes", "batch", "height", "width", "median_ms", "p20_ms",
                "p80_ms", "gflop", "tflops", "gbps", "peak_mem_mb"}
-TOP_LEVEL_KEYS = {"device", "torch", "cuda", "commit", "date", "command", "threads", "results"}
+TOP_LEVEL_KEYS = {"device", "torch", "cuda", "commit", "date", "command", "threads", "peaks", "results"}
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +48,8 @@ def test_quick_run_measures_every_contender_and_writes_json_markdown_and_plot(tm
         assert record["status"] == "ok", record
         assert 0 < record["p20_ms"] <= record["median_ms"] <= record["p80_ms"]
         assert record["tflops"] > 0 and record["peak_mem_mb"] is not None
+        if record["pass"] != "train_step":
+            assert record["floor_ms"] > 0
     assert {r["contender"] for r in records} == set(bench.contenders.CONTENDERS)
     assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
     assert {r["pass"] for r in records} == {"fwd", "fwd+bwd", "train_step"}
@@ -54,6 +57,9 @@ def test_quick_run_measures_every_contender_and_writes_json_markdown_and_plot(tm
     assert losses["ours"] == pytest.approx(losses["nvidia"], rel=1e-5)
     report = (tmp_path / f"{stem}.md").read_text()
     assert "## Layer suite, float32, forward" in report and "ours_compiled ms" in report
+    assert "| floor ms | ours / floor |" in report
+    assert set(document["peaks"]) == {"float32", "bfloat16"}
+    assert all(p["tflops"] > 0 and p["gbps"] > 0 for p in document["peaks"].values())
     assert run["results"] == records
 
 
@@ -115,3 +121,9 @@ def test_cpu_path_timing_prints_a_row_per_hole_ratio(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| enc7 |")]
     assert len(rows) == len(cpu_paths.HOLE_RATIOS)
     assert all(float(cell) > 0 for row in rows for cell in row.strip("| ").split(" | ")[3:])
+
+
+def test_floor_is_the_slower_of_compute_and_memory():
+    peaks = {"tflops": 100.0, "gbps": 2000.0}
+    assert floor_ms(gflop=50.0, min_bytes=1e6, peaks=peaks) == pytest.approx(0.5)  # 50 GFLOP at 100 TFLOP/s
+    assert floor_ms(gflop=0.01, min_bytes=4e9, peaks=peaks) == pytest.approx(2.0)  # 4 GB at 2 TB/s
