@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "../partial_conv2d.h"
@@ -282,32 +283,67 @@ void pack_columns(const Strided4d<const scalar_t>& x, const Strided4d<const scal
   });
 }
 
-// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count. The
-// activation is a template argument and the unit stride its own loop, so that the loop vectorises.
-template <Activation act, typename scalar_t, typename acc_t>
-void write_output_row(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
-                      acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
-  if (out_stride == 1) {
-    for (int64_t i = 0; i < count; ++i)
-      out[i] = static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
-  } else {
-    for (int64_t i = 0; i < count; ++i)
-      out[i * out_stride] =
-          static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+// Calls f(std::integral_constant<Activation, act>{}) for the runtime activation, so that the
+// per-element loops below see it as a constant and vectorise.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu: return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void write_output_row(Activation act, const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
+// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count; the
+// unit stride has its own loop.
+template <Activation act, typename scalar_t, typename acc_t>
+void write_output_row(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
                       acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
-  switch (act) {
-    case Activation::kNone:
-      return write_output_row<Activation::kNone>(conv, ratio, update, bias, slope, out, out_stride, count);
-    case Activation::kRelu:
-      return write_output_row<Activation::kRelu>(conv, ratio, update, bias, slope, out, out_stride, count);
-    case Activation::kLeakyRelu:
-      return write_output_row<Activation::kLeakyRelu>(conv, ratio, update, bias, slope, out, out_stride, count);
+  const auto value = [&](int64_t i) {
+    return static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+  };
+  if (out_stride == 1) {
+    for (int64_t i = 0; i < count; ++i) out[i] = value(i);
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(i);
   }
+}
+
+// grad_conv[i] = dL/dconv at count positions of one output row, from the incoming gradient and
+// the output (read only for an activation); returns the row's dL/dbias.
+template <Activation act, typename scalar_t, typename acc_t>
+acc_t scale_output_grad_row(const scalar_t* grad, int64_t grad_stride, const scalar_t* out,
+                            int64_t out_stride, const acc_t* ratio, const acc_t* update, acc_t slope,
+                            acc_t* grad_conv, int64_t count) {
+  acc_t bias_sum = acc_t(0);
+  for (int64_t i = 0; i < count; ++i) {
+    const OutputGrad<acc_t> og = partial_conv_output_grad(
+        acc_t(grad[i * grad_stride]), out ? acc_t(out[i * out_stride]) : acc_t(0),
+        MaskScale<acc_t>{ratio[i], update[i]}, act, slope);
+    grad_conv[i] = og.conv;
+    bias_sum += og.bias;
+  }
+  return bias_sum;
+}
+
+// grad_input of image n = M * grad_image (d(X*M)/dX = M; a hole gets exactly 0). grad_image is
+// left zeroed for the next image.
+template <typename scalar_t, typename acc_t>
+void write_masked_grad_input(acc_t* grad_image, const Strided4d<const scalar_t>& m,
+                             const Strided4d<scalar_t>& gin, const ConvGeometry& g, int64_t n,
+                             int64_t nm) {
+  at::parallel_for(0, g.in_channels, grain(g.in_height * g.in_width), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t* plane = grad_image + c * g.in_height * g.in_width;
+      const int64_t mc = g.multi_channel_mask() ? c : 0;
+      for (int64_t iy = 0; iy < g.in_height; ++iy)
+        for (int64_t ix = 0; ix < g.in_width; ++ix) {
+          acc_t& v = plane[iy * g.in_width + ix];
+          gin(n, c, iy, ix) = static_cast<scalar_t>(m.data ? masked_value(v, acc_t(m(nm, mc, iy, ix))) : v);
+          v = acc_t(0);
+        }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,8 +392,10 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
             const acc_t* conv_row = conv_data + co * count;
             for (const Run& piece : chunk) {
               const int64_t p0 = piece.oy * g.out_width + piece.ox_begin;
-              write_output_row(problem.activation, conv_row, scales.ratio + p0, scales.update + p0, bias_c, slope,
-                               &out(n, c, piece.oy, piece.ox_begin), out.s3, piece.size());
+              with_activation(problem.activation, [&](auto act) {
+                write_output_row<decltype(act)::value>(conv_row, scales.ratio + p0, scales.update + p0, bias_c, slope,
+                                            &out(n, c, piece.oy, piece.ox_begin), out.s3, piece.size());
+              });
               conv_row += piece.size();
             }
           }
@@ -421,16 +459,12 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
             acc_t bias_sum = acc_t(0);
             for (const Run& piece : chunk) {
               const int64_t p0 = piece.oy * g.out_width + piece.ox_begin;
-              const scalar_t* g_row = &gout(n, c, piece.oy, piece.ox_begin);
-              const scalar_t* z_row = z.data ? &z(n, c, piece.oy, piece.ox_begin) : nullptr;
-              for (int64_t i = 0; i < piece.size(); ++i) {
-                const OutputGrad<acc_t> og = partial_conv_output_grad(
-                    acc_t(g_row[i * gout.s3]), z_row ? acc_t(z_row[i * z.s3]) : acc_t(0),
-                    MaskScale<acc_t>{scales.ratio[p0 + i], scales.update[p0 + i]},
-                    problem.activation, slope);
-                grad_conv_row[i] = og.conv;
-                bias_sum += og.bias;
-              }
+              with_activation(problem.activation, [&](auto act) {
+                bias_sum += scale_output_grad_row<decltype(act)::value>(
+                    &gout(n, c, piece.oy, piece.ox_begin), gout.s3,
+                    z.data ? &z(n, c, piece.oy, piece.ox_begin) : nullptr, z.s3, scales.ratio + p0,
+                    scales.update + p0, slope, grad_conv_row, piece.size());
+              });
               grad_conv_row += piece.size();
             }
             grad_bias_data[c] += bias_sum;
@@ -469,21 +503,7 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
         }
       }
     });
-    if (need_input) {
-      // d(X*M)/dX = M; a hole gets exactly 0.
-      at::parallel_for(0, g.in_channels, grain(g.in_height * g.in_width), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          acc_t* plane = grad_image_data + c * g.in_height * g.in_width;
-          const int64_t mc = g.multi_channel_mask() ? c : 0;
-          for (int64_t iy = 0; iy < g.in_height; ++iy)
-            for (int64_t ix = 0; ix < g.in_width; ++ix) {
-              acc_t& v = plane[iy * g.in_width + ix];
-              gin(n, c, iy, ix) = static_cast<scalar_t>(m.data ? masked_value(v, acc_t(m(nm, mc, iy, ix))) : v);
-              v = acc_t(0);
-            }
-        }
-      });
-    }
+    if (need_input) write_masked_grad_input(grad_image_data, m, gin, g, n, nm);
   }
   if (need_weight) grad_weight.copy_(grad_weight_acc.view(weight.sizes()));
   if (need_bias) grad_bias.copy_(grad_bias_acc);
@@ -620,8 +640,10 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
           const int64_t c = i / band_rows, oy = band.begin + i % band_rows;
           const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
           const acc_t* conv_row = conv_data + i * g.out_width;
-          write_output_row(problem.activation, conv_row, scales.ratio + oy * g.out_width,
-                           scales.update + oy * g.out_width, bias_c, slope, &out(n, c, oy, 0), out.s3, g.out_width);
+          with_activation(problem.activation, [&](auto act) {
+            write_output_row<decltype(act)::value>(conv_row, scales.ratio + oy * g.out_width, scales.update + oy * g.out_width,
+                                        bias_c, slope, &out(n, c, oy, 0), out.s3, g.out_width);
+          });
         }
       });
     }
@@ -648,6 +670,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   // grad_input of one image before the multiplication by M.
   at::Tensor grad_image = at::zeros({need_input ? g.in_channels : 0, g.in_height, g.in_width}, acc_options);
   const at::Tensor buffer = at::empty({band_buffer_elements(g)}, acc_options);
+  const at::Tensor grad_conv_buffer = at::empty({g.out_channels * most_band_rows(g) * g.out_width}, acc_options);
   const Strided4d<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const Strided4d<scalar_t> gin(grad_input);
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
@@ -664,24 +687,20 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
     for (const Band& band : bands) {
       const int64_t band_rows = band.end - band.begin;
       const RowSpan rows = input_rows(g, band.begin, band.end);
-      at::Tensor grad_conv = at::empty({1, g.out_channels, band_rows, g.out_width}, acc_options);
+      at::Tensor grad_conv = grad_conv_buffer.narrow(0, 0, g.out_channels * band_rows * g.out_width)
+                                 .view({1, g.out_channels, band_rows, g.out_width});
       acc_t* grad_conv_data = grad_conv.data_ptr<acc_t>();
       // Each output channel is owned by one thread: its bias sum needs no atomics.
       at::parallel_for(0, g.out_channels, grain(band_rows * g.out_width), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           acc_t bias_sum = acc_t(0);
-          for (int64_t oy = band.begin; oy < band.end; ++oy) {
-            acc_t* grad_row = grad_conv_data + (c * band_rows + oy - band.begin) * g.out_width;
-            const acc_t* ratio = scales.ratio + oy * g.out_width;
-            const acc_t* update = scales.update + oy * g.out_width;
-            for (int64_t ox = 0; ox < g.out_width; ++ox) {
-              const OutputGrad<acc_t> og = partial_conv_output_grad(
-                  acc_t(gout(n, c, oy, ox)), z.data ? acc_t(z(n, c, oy, ox)) : acc_t(0),
-                  MaskScale<acc_t>{ratio[ox], update[ox]}, problem.activation, slope);
-              grad_row[ox] = og.conv;
-              bias_sum += og.bias;
-            }
-          }
+          for (int64_t oy = band.begin; oy < band.end; ++oy)
+            with_activation(problem.activation, [&](auto act) {
+              bias_sum += scale_output_grad_row<decltype(act)::value>(
+                  &gout(n, c, oy, 0), gout.s3, z.data ? &z(n, c, oy, 0) : nullptr, z.s3,
+                  scales.ratio + oy * g.out_width, scales.update + oy * g.out_width, slope,
+                  grad_conv_data + (c * band_rows + oy - band.begin) * g.out_width, g.out_width);
+            });
           grad_bias_data[c] += bias_sum;
         }
       });
@@ -710,22 +729,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
               .add_(band_grad_input[0].narrow(1, first - rows.first, last - first));
       }
     }
-    if (need_input) {
-      // d(X*M)/dX = M; a hole gets exactly 0.
-      acc_t* grad_image_data = grad_image.data_ptr<acc_t>();
-      at::parallel_for(0, g.in_channels, grain(g.in_height * g.in_width), [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          acc_t* plane = grad_image_data + c * g.in_height * g.in_width;
-          const int64_t mc = g.multi_channel_mask() ? c : 0;
-          for (int64_t iy = 0; iy < g.in_height; ++iy)
-            for (int64_t ix = 0; ix < g.in_width; ++ix) {
-              acc_t& v = plane[iy * g.in_width + ix];
-              gin(n, c, iy, ix) = static_cast<scalar_t>(m.data ? masked_value(v, acc_t(m(nm, mc, iy, ix))) : v);
-              v = acc_t(0);
-            }
-        }
-      });
-    }
+    if (need_input) write_masked_grad_input(grad_image.data_ptr<acc_t>(), m, gin, g, n, nm);
   }
   if (need_weight) {
     if (!grad_weight_sum.defined())  // no band: every output position is a hole
