@@ -96,33 +96,31 @@ struct BackwardArgs {
   int64_t grad_weight_splits;
 };
 
+// The digits (a, b, c) of i = (a * B + b) * C + c, from dividers by B * C and by C.
+template <typename index_t>
+struct Digits {
+  index_t outer, middle, inner;
+};
+
+template <typename index_t>
+PCONV_HOST_DEVICE Digits<index_t> mixed_radix_digits(index_t i, const Divider<index_t>& middle_inner,
+                                                     const Divider<index_t>& inner) {
+  const index_t outer = middle_inner.div(i), rest = i - outer * middle_inner.divisor;
+  const index_t middle = inner.div(rest);
+  return {outer, middle, rest - middle * inner.divisor};
+}
+
 // Position (n, y, x) of a row index over N images of H x W.
 template <typename index_t>
 struct Position {
   index_t n, y, x;
 };
 
-template <typename index_t>
-PCONV_HOST_DEVICE Position<index_t> decode_position(index_t row, const Divider<index_t>& plane,
-                                                    const Divider<index_t>& width) {
-  const index_t n = plane.div(row), rem = row - n * plane.divisor;
-  const index_t y = width.div(rem);
-  return {n, y, rem - y * width.divisor};
-}
-
 // Tap (channel within the group, ky, kx) of a reduction index over C x kh x kw.
 template <typename index_t>
 struct Tap {
   index_t c, ky, kx;
 };
-
-template <typename index_t>
-PCONV_HOST_DEVICE Tap<index_t> decode_tap(index_t k, const Divider<index_t>& taps,
-                                          const Divider<index_t>& kernel_w) {
-  const index_t c = taps.div(k), t = k - c * taps.divisor;
-  const index_t ky = kernel_w.div(t);
-  return {c, ky, t - ky * kernel_w.divisor};
-}
 
 // The divisors of the index decode, fixed for a launch.
 template <typename index_t>
@@ -136,12 +134,17 @@ struct Dividers {
             Divider<index_t>::make(g.stride_h),                 Divider<index_t>::make(g.stride_w)};
   }
   PCONV_HOST_DEVICE Position<index_t> output_position(index_t row) const {
-    return decode_position(row, out_plane, out_width);
+    const Digits<index_t> d = mixed_radix_digits(row, out_plane, out_width);
+    return {d.outer, d.middle, d.inner};
   }
   PCONV_HOST_DEVICE Position<index_t> input_position(index_t row) const {
-    return decode_position(row, in_plane, in_width);
+    const Digits<index_t> d = mixed_radix_digits(row, in_plane, in_width);
+    return {d.outer, d.middle, d.inner};
   }
-  PCONV_HOST_DEVICE Tap<index_t> tap(index_t k) const { return decode_tap(k, taps, kernel_w); }
+  PCONV_HOST_DEVICE Tap<index_t> tap(index_t k) const {
+    const Digits<index_t> d = mixed_radix_digits(k, taps, kernel_w);
+    return {d.outer, d.middle, d.inner};
+  }
 };
 
 // X*M as the convolution sees it: 0 in the padding, exactly 0 in holes.
