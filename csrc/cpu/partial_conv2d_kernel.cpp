@@ -63,7 +63,6 @@ struct Strided4d {
   T& operator()(int64_t a, int64_t b, int64_t c, int64_t d) const {
     return data[a * s0 + b * s1 + c * s2 + d * s3];
   }
-  T* image(int64_t a) const { return data == nullptr ? nullptr : data + a * s0; }
 };
 
 // The saved scales of one mask image: ratio and update for its P output positions.
