@@ -2,8 +2,9 @@
 // kernels use them: through csrc/cuda/warp_mma.cuh. The fragment packing here is written from the
 // PTX ISA's formulas (sections cited in warp_mma.cuh), independently of the emulator's code.
 // Prints one line per check and exits 0 only if all pass. `mma_selftest <misuse>` instead runs
-// one misuse the emulator must abort on (see run_misuse).
+// one misuse the emulator must abort on (see launch_misuse).
 #include "cuda_emulation.h"
+#include "selftest_main.h"
 
 #include "cuda/warp_mma.cuh"
 
@@ -774,7 +775,7 @@ __global__ void mma_in_block(float* out) {
   out[threadIdx.x] = d[0];
 }
 
-int run_misuse(const std::string& name) {
+bool launch_misuse(const std::string& name) {
   DeviceVector<unsigned char> bytes(64);
   std::vector<float> out(48);
   if (name == "ldmatrix-misaligned-row") {
@@ -784,18 +785,15 @@ int run_misuse(const std::string& name) {
   } else if (name == "mma-in-partial-warp") {
     cuda_emulation::launch(mma_in_block, dim3(1), dim3(48), 0, out.data());
   } else {
-    std::fprintf(stderr, "unknown misuse %s\n", name.c_str());
-    return 2;
+    return false;
   }
-  std::fprintf(stderr, "misuse %s was not caught\n", name.c_str());
-  return 1;
+  return true;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 2) return run_misuse(argv[1]);
-  const std::pair<const char*, bool (*)()> checks[] = {
+  return cuda_emulation::selftest_main(argc, argv, launch_misuse, {
       {"f16 <-> float: exact, round to nearest even, subnormals, inf, NaN", check_half_conversions},
       {"bf16 <-> float: exact, round to nearest even, subnormals, inf, NaN",
        check_bfloat16_conversions},
@@ -819,12 +817,5 @@ int main(int argc, char** argv) {
        [] { return check_gemm_16bit(Float16Format::bf16, false); }},
       {"GEMM tf32: cp.async pipeline, 32-bit shared loads, mma", check_gemm_tf32},
       {"GEMM f64: 8-byte cp.async pipeline, mma m8n8k4", check_gemm_f64},
-  };
-  bool all_passed = true;
-  for (const auto& [name, check] : checks) {
-    const bool passed = check();
-    std::printf("%s: %s\n", passed ? "PASS" : "FAIL", name);
-    all_passed = all_passed && passed;
-  }
-  return all_passed ? 0 : 1;
+  });
 }

@@ -1,7 +1,8 @@
 // Self test of cuda_emulation.h: kernels written as one would for nvcc, run on the host and
 // compared with plain loops. Prints one line per check and exits 0 only if all pass.
-// `selftest <misuse>` instead runs one kernel bug the emulator must abort on (see run_misuse).
+// `selftest <misuse>` instead runs one kernel bug the emulator must abort on (see launch_misuse).
 #include "cuda_emulation.h"
+#include "selftest_main.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -314,7 +315,7 @@ __global__ void shuffle_in_block(int* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
 }
 
-int run_misuse(const std::string& name) {
+bool launch_misuse(const std::string& name) {
   std::vector<int> out(1025);
   if (name == "return-before-syncthreads") {
     cuda_emulation::launch(return_before_syncthreads, dim3(2), dim3(64), 0);
@@ -325,18 +326,15 @@ int run_misuse(const std::string& name) {
   } else if (name == "oversized-block") {
     cuda_emulation::launch(shuffle_in_block, dim3(1), dim3(1025), 0, out.data());
   } else {
-    std::fprintf(stderr, "unknown misuse %s\n", name.c_str());
-    return 2;
+    return false;
   }
-  std::fprintf(stderr, "misuse %s was not caught\n", name.c_str());
-  return 1;
+  return true;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 2) return run_misuse(argv[1]);
-  const std::pair<const char*, bool (*)()> checks[] = {
+  return cuda_emulation::selftest_main(argc, argv, launch_misuse, {
       {"matmul with static __shared__ tiles", [] { return check_matmul(false); }},
       {"matmul with dynamic shared tiles", [] { return check_matmul(true); }},
       {"block reduction with __shfl_down_sync and __shfl_xor_sync", check_block_reduction},
@@ -345,12 +343,5 @@ int main(int argc, char** argv) {
       {"whole-block and whole-warp early returns", check_early_returns},
       {"dynamic shared memory refilled with 0xCD before every block",
        check_dynamic_shared_is_refilled},
-  };
-  bool all_passed = true;
-  for (const auto& [name, check] : checks) {
-    const bool passed = check();
-    std::printf("%s: %s\n", passed ? "PASS" : "FAIL", name);
-    all_passed = all_passed && passed;
-  }
-  return all_passed ? 0 : 1;
+  });
 }
