@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from partialconv_cuda import partial_conv2d, partial_conv2d_reference
+from partialconv_cuda import partial_conv2d, partial_conv_reference
 from partialconv_cuda.models import DECODER_NEGATIVE_SLOPE
 
 SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED = "seed", "nvidia", "conv2d", "ours", "ours_compiled"
@@ -13,7 +13,7 @@ CONTENDERS = (SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED)
 DESCRIPTIONS = {
     SEED: "the naive layer of the seed notes: a second full C_in->C_out convolution for the mask, "
           "masked_fill steps, a C_in-channel mask",
-    NVIDIA: "NVIDIA-style pure PyTorch (partial_conv2d_reference, nan_safe=False): one 1-channel "
+    NVIDIA: "NVIDIA-style pure PyTorch (partial_conv_reference, nan_safe=False): one 1-channel "
             "mask convolution plus elementwise renormalisation",
     CONV2D: "plain F.conv2d of the same shape (no mask): the floor without skipping holes",
     OURS: "partialconv_cuda.partial_conv2d",
@@ -71,7 +71,7 @@ def make_contenders(workload, names):
         return seed_style_partial_conv2d(input, mask, weight, bias, mask_weight, stride, padding, activation)
 
     def nvidia(input, mask, weight, bias):
-        return partial_conv2d_reference(input, mask, weight, bias, stride, padding,
+        return partial_conv_reference(input, mask, weight, bias, stride, padding,
                                         activation=activation, nan_safe=False)
 
     def conv2d(input, weight, bias):

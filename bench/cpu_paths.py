@@ -1,5 +1,5 @@
 """Times the CPU kernel's two paths, forced with PARTIALCONV_CPU_PATH, as the valid fraction falls:
-the measurement behind the path thresholds in csrc/cpu/partial_conv2d_kernel.cpp (bench/NOTES.md).
+the measurement behind the path thresholds in csrc/cpu/partial_conv_cpu.cpp (bench/NOTES.md).
 
     python -m bench.cpu_paths [--layers enc2,dec2] [--threads 2]
 """

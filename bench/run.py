@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from partialconv_cuda import partial_conv2d_reference
+from partialconv_cuda import partial_conv_reference
 
 from . import THREADS_PINNED
 from .contenders import CONTENDERS, CONV2D, NVIDIA, OURS, OURS_COMPILED, make_contenders
@@ -262,7 +262,7 @@ class Runner:
         first = make_inputs(workload, self.masks, 0, dtype, s.device, backward)
         count = rotation_count(first.nbytes(), self.cache_bytes, self.memory_budget, s.most_input_sets)
         inputs = [first] + [make_inputs(workload, self.masks, i, dtype, s.device, backward) for i in range(1, count)]
-        reference = partial_conv2d_reference(
+        reference = partial_conv_reference(
             *(None if t is None else t.detach().double() for t in (first.input, first.mask, first.weight, first.bias)),
             workload.layer.stride, workload.layer.padding, activation=workload.layer.fused_activation)
         base = {

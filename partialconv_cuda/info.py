@@ -4,8 +4,11 @@ import torch
 from . import __version__
 from ._extension import build_info
 
-OPS = ("partialconv_cuda::partial_conv2d_forward", "partialconv_cuda::partial_conv2d_backward")
-BACKENDS = ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA")
+OPS = ("partialconv_cuda::partial_conv_forward", "partialconv_cuda::partial_conv_backward")
+BACKENDS = ("CPU", "CUDA", "Meta", "AutocastCPU", "AutocastCUDA")
+# Spatial dimensions each backend's kernels run: the CUDA kernels take 1-D as 2-D of height 1 and
+# refuse 3-D with a clear error until the N-d CUDA kernels land.
+SPATIAL_DIMS = {"CPU": (1, 2, 3), "CUDA": (1, 2)}
 
 
 def compiled_kernels():
@@ -17,15 +20,14 @@ def compiled_kernels():
 
 
 def forward_path(input, mask, weight, stride=1, padding=0, dilation=1, groups=1):
-    """Which kernels partial_conv2d would run for these arguments, and why, as one line of text.
-    Runs no convolution (on the CPU it counts the mask's windows, which decide the path)."""
-    from torch.nn.modules.utils import _pair
+    """Which kernels partial_conv1d/2d/3d would run for these arguments, and why, as one line of
+    text. Runs no convolution (on the CPU it counts the mask's windows, which decide the path)."""
+    from .ops import conv_arguments
 
-    from .ops import _padding
-
-    stride, dilation = _pair(stride), _pair(dilation)
-    return torch.ops.partialconv_cuda.forward_path(
-        input, mask, weight, stride, _padding(padding, weight.shape[2:], stride, dilation), dilation, groups)
+    dims = weight.dim() - 2
+    stride, padding, dilation = conv_arguments(dims, weight, stride, padding, dilation,
+                                               f"partial_conv{dims}d")
+    return torch.ops.partialconv_cuda.forward_path(input, mask, weight, stride, padding, dilation, groups)
 
 
 def summary():
@@ -38,6 +40,9 @@ def summary():
     ]
     for op, keys in compiled_kernels().items():
         lines.append(f"  {op}: {', '.join(keys) or 'none'}")
+    for backend, dims in SPATIAL_DIMS.items():
+        if backend == "CPU" or build_info.WITH_CUDA:
+            lines.append(f"  {backend} spatial dimensions: {', '.join(f'{d}-D' for d in dims)}")
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(index)

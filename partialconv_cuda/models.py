@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import PartialConv2d
-from .reference import partial_conv2d_reference
+from .reference import partial_conv_reference
 
 # (output channels, kernel size) of PConv1..PConv8, the encoder of the paper.
 ENCODER = ((64, 7), (128, 5), (256, 5), (512, 3), (512, 3), (512, 3), (512, 3), (512, 3))
@@ -65,7 +65,7 @@ def pconv_unet_layers(in_channels=3, out_channels=3, depth=8):
 
 
 class ReferencePartialConv2d(PartialConv2d):
-    """PartialConv2d computed by partial_conv2d_reference in plain PyTorch: one mask convolution
+    """PartialConv2d computed by partial_conv_reference in plain PyTorch: one mask convolution
     plus elementwise renormalisation, the work NVIDIA's PartialConv2d does. Same constructor,
     parameters and state_dict as PartialConv2d, so the same weights load into both.
 
@@ -78,7 +78,7 @@ class ReferencePartialConv2d(PartialConv2d):
         self.nan_safe = nan_safe
 
     def forward(self, input, mask=None):
-        output, updated_mask = partial_conv2d_reference(
+        output, updated_mask = partial_conv_reference(
             input, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
             self.groups, self.activation, self.negative_slope, nan_safe=self.nan_safe,
         )

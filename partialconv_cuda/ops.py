@@ -1,149 +1,266 @@
-"""The functional API, plus what torch needs around the C++ ops: fake (meta) kernels for
-torch.compile / torch.export, and autograd through the backward op."""
+"""The functional API (partial_conv1d, partial_conv2d, partial_conv3d: one op underneath, its
+dimension taken from the input's rank), and autograd around the C++ ops: reverse mode through the
+backward op, forward mode (torch.func.jvp, jacfwd) through the forward op, and the torch.func
+transforms. The fake kernels that torch.compile and torch.export run are C++ Meta kernels
+(csrc/meta/) sharing the backends' argument checks."""
 import torch
-from torch.nn.modules.utils import _pair
+from torch.autograd import forward_ad
+from torch.nn.modules.utils import _pair, _single, _triple
 
 from . import _extension  # noqa: F401  (loads the ops)
 
+_FORWARD = torch.ops.partialconv_cuda.partial_conv_forward.default
+_BACKWARD = torch.ops.partialconv_cuda.partial_conv_backward.default
 _ACTIVATIONS = ("none", "relu", "leaky_relu")
+_TUPLE = {1: _single, 2: _pair, 3: _triple}
+_INPUT_SHAPE = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
-def activation_name(activation):
+def activation_name(activation, name="partial_conv"):
     """Normalises the activation argument (None, 'none', 'relu', 'leaky_relu') to the op's string."""
     if activation is None:
         return "none"
     if activation not in _ACTIVATIONS:
         raise ValueError(
-            f"partial_conv2d: expected activation to be None, 'relu' or 'leaky_relu', got {activation!r}"
+            f"{name}: expected activation to be None, 'relu' or 'leaky_relu', got {activation!r}"
         )
     return activation
 
 
-def _padding(padding, kernel_size, stride, dilation):
-    """Numeric (pad_h, pad_w) for an int, a pair, or nn.Conv2d's 'valid' / 'same'."""
+def _padding(padding, kernel_size, stride, dilation, name):
+    """Numeric padding per spatial dimension for an int, a tuple, or nn.Conv*d's 'valid' / 'same'."""
+    dims = len(kernel_size)
     if not isinstance(padding, str):
-        return _pair(padding)
+        return _TUPLE[dims](padding)
     if padding == "valid":
-        return (0, 0)
+        return (0,) * dims
     if padding != "same":
-        raise ValueError(f"partial_conv2d: expected padding to be an int, a pair, 'valid' or 'same', got {padding!r}")
-    if stride != (1, 1):
-        raise ValueError(f"partial_conv2d: padding='same' needs stride 1, got stride {stride}")
+        raise ValueError(
+            f"{name}: expected padding to be an int, a tuple, 'valid' or 'same', got {padding!r}"
+        )
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{name}: padding='same' needs stride 1, got stride {tuple(stride)}")
     pads = []
     for k, d in zip(kernel_size, dilation):
         total = d * (k - 1)
         if total % 2:
             raise ValueError(
-                "partial_conv2d: padding='same' with an even (dilated) kernel needs asymmetric "
-                f"padding, which is not supported (kernel {tuple(kernel_size)}, dilation {dilation}); "
+                f"{name}: padding='same' with an even (dilated) kernel needs asymmetric padding, "
+                f"which is not supported (kernel {tuple(kernel_size)}, dilation {tuple(dilation)}); "
                 "pad the input explicitly"
             )
         pads.append(total // 2)
     return tuple(pads)
 
 
-def partial_conv2d(
-    input,
-    mask,
-    weight,
-    bias=None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups=1,
-    activation=None,
-    negative_slope=0.01,
-):
-    """Partial convolution: returns (output, updated_mask).
+def conv_arguments(dims, weight, stride, padding, dilation, name):
+    """(stride, padding, dilation) as the op takes them: one int per spatial dimension."""
+    stride, dilation = _TUPLE[dims](stride), _TUPLE[dims](dilation)
+    return stride, _padding(padding, weight.shape[2:], stride, dilation, name), dilation
 
-    input (N, C_in, H, W); mask None (all ones) or (N or 1, 1 or C_in, H, W) with 1 = valid and
-    0 = hole; weight (C_out, C_in / groups, kH, kW); bias (C_out) or None.
-    output = act((conv(input*mask, weight) * winsize / S * U + bias) * U), with S the window sum
-    of the mask and U = clamp(S, 0, 1); updated_mask = U, shaped (N, 1, H', W') for a
-    single-channel (or absent) mask and (N, C_out, H', W') for a multi-channel one (an expanded
-    view). activation: None, 'relu' or 'leaky_relu' (with negative_slope >= 0).
-    """
-    stride, dilation = _pair(stride), _pair(dilation)
-    padding = _padding(padding, weight.shape[2:], stride, dilation)
-    output, updated_mask, _ = torch.ops.partialconv_cuda.partial_conv2d_forward(
-        input, mask, weight, bias, stride, padding, dilation, groups,
-        activation_name(activation), float(negative_slope),
-    )
+
+def _transformed(*tensors):
+    """Whether forward-mode AD or a torch.func transform sees these tensors: then the call needs
+    PartialConvFunction (below); plain eager and reverse-mode calls take the op directly, which
+    costs less (autograd.Function.apply binds its arguments through inspect.signature)."""
+    return forward_ad._current_level >= 0 or any(
+        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, activation,
+                  negative_slope):
+    name = f"partial_conv{dims}d"
+    if input.dim() != dims + 2:
+        raise ValueError(
+            f"{name}: expected input to be a {dims + 2}-D tensor {_INPUT_SHAPE[dims]}, got a "
+            f"{input.dim()}-D tensor of shape {list(input.shape)}"
+        )
+    stride, padding, dilation = conv_arguments(dims, weight, stride, padding, dilation, name)
+    params = ConvParams(stride, padding, dilation, groups, activation_name(activation, name),
+                        float(negative_slope))
+    # torch.compile cannot trace an autograd.Function with a jvp: it traces the op, whose reverse
+    # mode is registered below.
+    if not torch.compiler.is_compiling() and _transformed(input, mask, weight, bias):
+        output, updated_mask, _ = PartialConvFunction.apply(input, mask, weight, bias, params)
+    else:
+        output, updated_mask, _ = _FORWARD(input, mask, weight, bias, *params)
     channels = weight.shape[0] if mask is not None and mask.shape[1] > 1 else 1
     return output, updated_mask.expand(input.shape[0], channels, *updated_mask.shape[2:])
 
 
-def _output_memory_format(input):
-    # The rule of output_memory_format() in csrc/partial_conv2d.cpp.
-    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+_DOC = """Partial convolution in {dims} spatial dimension{s}: returns (output, updated_mask).
+
+    input {shape}; mask None (all ones) or (N or 1, 1 or C_in, {spatial}) with 1 = valid and
+    0 = hole; weight (C_out, C_in / groups, {kernel}); bias (C_out) or None. stride, padding and
+    dilation: an int or one per spatial dimension; padding also 'valid' or (stride 1) 'same'.
+    output = act((conv(input*mask, weight) * winsize / S * U + bias) * U), with S the window sum
+    of the mask, U = clamp(S, 0, 1) and winsize = prod(kernel) (C_in * prod(kernel) for a
+    multi-channel mask); updated_mask = U, shaped (N, 1, ...) for a single-channel (or absent)
+    mask and (N, C_out, ...) for a multi-channel one (an expanded view). activation: None, 'relu'
+    or 'leaky_relu' (with negative_slope >= 0).
+    """
 
 
-def _output_size(size, kernel, stride, padding, dilation):
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def partial_conv1d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   activation=None, negative_slope=0.01):
+    return _partial_conv(1, input, mask, weight, bias, stride, padding, dilation, groups, activation,
+                         negative_slope)
 
 
-@torch.library.register_fake("partialconv_cuda::partial_conv2d_forward")
-def _forward_fake(input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope):
-    torch._check(input.dim() == 4, lambda: f"partial_conv2d: expected input to be a 4-D tensor, got {input.dim()}-D")
-    torch._check(weight.dim() == 4, lambda: f"partial_conv2d: expected weight to be a 4-D tensor, got {weight.dim()}-D")
-    n, _, height, width = input.shape
-    out_h = _output_size(height, weight.shape[2], stride[0], padding[0], dilation[0])
-    out_w = _output_size(width, weight.shape[3], stride[1], padding[1], dilation[1])
-    torch._check(out_h >= 1 and out_w >= 1, lambda: "partial_conv2d: output size would be below 1x1")
-    mask_batch = 1 if mask is None else mask.shape[0]
-    output = torch.empty(
-        (n, weight.shape[0], out_h, out_w), dtype=input.dtype, device=input.device,
-        memory_format=_output_memory_format(input),
-    )
-    updated_mask = input.new_empty((mask_batch, 1, out_h, out_w))
-    scales_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    mask_scales = input.new_empty((mask_batch, 2, out_h, out_w), dtype=scales_dtype)
-    return output, updated_mask, mask_scales
+def partial_conv2d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   activation=None, negative_slope=0.01):
+    return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, activation,
+                         negative_slope)
 
 
-@torch.library.register_fake("partialconv_cuda::partial_conv2d_backward")
-def _backward_fake(grad_output, input, mask, weight, output, mask_scales, stride, padding, dilation,
-                   groups, activation, negative_slope, output_mask):
-    grad_input = grad_weight = grad_bias = None
-    if output_mask[0]:
-        grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
-                                 memory_format=_output_memory_format(input))
-    if output_mask[1]:
-        grad_weight = weight.new_empty(weight.shape)
-    if output_mask[2]:
-        grad_bias = weight.new_empty((weight.shape[0],))
-    return grad_input, grad_weight, grad_bias
+def partial_conv3d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
+                   activation=None, negative_slope=0.01):
+    return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, activation,
+                         negative_slope)
 
 
-def _setup_context(ctx, inputs, output):
-    input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope = inputs
-    out, _, mask_scales = output
-    ctx.conv_args = (stride, padding, dilation, groups, activation, negative_slope)
+for _dims, _function in ((1, partial_conv1d), (2, partial_conv2d), (3, partial_conv3d)):
+    _function.__doc__ = _DOC.format(
+        dims=_dims, s="" if _dims == 1 else "s", shape=_INPUT_SHAPE[_dims],
+        spatial=_INPUT_SHAPE[_dims][7:-1], kernel={1: "kL", 2: "kH, kW", 3: "kD, kH, kW"}[_dims])
+
+
+class ConvParams:
+    """The non-tensor arguments of the ops, in their order, as one object: the autograd.Functions
+    below take it whole, so that torch.func does not flatten its lists into their leaves."""
+
+    __slots__ = ("stride", "padding", "dilation", "groups", "activation", "negative_slope")
+
+    def __init__(self, stride, padding, dilation, groups, activation, negative_slope):
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.groups, self.activation, self.negative_slope = groups, activation, negative_slope
+
+    def __iter__(self):
+        return iter((self.stride, self.padding, self.dilation, self.groups, self.activation,
+                     self.negative_slope))
+
+
+class BackwardRequest:
+    """The conv parameters and which gradients to compute, opaque to torch.func like ConvParams."""
+
+    __slots__ = ("params", "output_mask")
+
+    def __init__(self, params, output_mask):
+        self.params, self.output_mask = params, output_mask
+
+
+def _activation_derivative(output, params):
+    """d act(y) / dy read off the output (for negative_slope >= 0, output > 0 exactly when y > 0)."""
+    slope = 0.0 if params.activation == "relu" else params.negative_slope
+    return torch.where(output > 0, output.new_ones(()), output.new_full((), slope))
+
+
+def _save(ctx, input, mask, weight, bias, params, output):
+    out, updated_mask, mask_scales = output
+    ctx.params = params
     ctx.has_bias = bias is not None
     # The mask only reaches backward through its per-position scales and as the factor M of
     # grad_input; the activation's derivative is read off the output.
-    ctx.save_for_backward(input, mask, weight, out if activation != "none" else None, mask_scales)
-    ctx.mark_non_differentiable(output[1], mask_scales)
+    saved = (input, mask, weight, out if params.activation != "none" else None, mask_scales)
+    ctx.save_for_backward(*saved)
+    if hasattr(ctx, "save_for_forward"):  # an autograd.Function's ctx (register_autograd's has none)
+        ctx.save_for_forward(*saved)
+    ctx.mark_non_differentiable(updated_mask, mask_scales)
 
 
-def _backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
+def _gradients(ctx, grad_output):
+    """(grad_input, grad_weight, grad_bias), each None where not needed."""
     input, mask, weight, out, mask_scales = ctx.saved_tensors
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_output, input, weight)):
-        raise NotImplementedError(
-            "partial_conv2d: double backward (autograd.grad(..., create_graph=True) through the "
-            "layer) is not supported; use partialconv_cuda.partial_conv2d_reference for "
-            "higher-order gradients"
-        )
     needs = ctx.needs_input_grad
     output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
-    grad_input, grad_weight, grad_bias = torch.ops.partialconv_cuda.partial_conv2d_backward(
-        grad_output, input, mask, weight, out, mask_scales, *ctx.conv_args, output_mask
-    )
+    return _FirstOrderBackward.apply(grad_output, input, mask, weight, out, mask_scales,
+                                     BackwardRequest(ctx.params, output_mask))
+
+
+def _op_setup_context(ctx, inputs, output):
+    _save(ctx, *inputs[:4], ConvParams(*inputs[4:]), output)
+
+
+def _op_backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
+    grad_input, grad_weight, grad_bias = _gradients(ctx, grad_output)
     return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+# Reverse mode of the op itself, for every caller of it (torch.compile and torch.export trace it).
 torch.library.register_autograd(
-    "partialconv_cuda::partial_conv2d_forward", _backward, setup_context=_setup_context
+    "partialconv_cuda::partial_conv_forward", _op_backward, setup_context=_op_setup_context
 )
+
+_NO_SECOND_ORDER = (
+    "partial_conv: second-order derivatives (double backward, hessians, forward mode over reverse "
+    "mode) through the layer are not supported; use partialconv_cuda.partial_conv_reference for "
+    "them"
+)
+
+
+class _FirstOrderBackward(torch.autograd.Function):
+    """partial_conv_backward, whose own derivatives raise a clear error: backward may run with
+    create_graph=True (torch.func.grad and jacrev always do), but differentiating its result
+    again is refused instead of silently giving zeros."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, mask, weight, out, mask_scales, request):
+        return _BACKWARD(grad_output, input, mask, weight, out, mask_scales, *request.params,
+                         request.output_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_NO_SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_NO_SECOND_ORDER)
+
+
+class PartialConvFunction(torch.autograd.Function):
+    """Autograd of partial_conv_forward for eager calls of the functions above: the reverse mode
+    registered on the op, plus forward mode and the torch.func transforms (which the op's own
+    registration cannot give: it would return zero tangents).
+
+    Forward mode uses that the output before the activation, (conv(X*M, W) * ratio + b) * U, is
+    linear in X, W and b for a fixed mask:
+        d out = act'(out) * (partial_conv(dX, M, W, db) + partial_conv(X, M, dW, None)),
+    two more forward calls without activation. The mask gets no gradient (nor tangent). vmap runs
+    the ops once per batch element (torch's fallback for ops without a batching rule)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, mask, weight, bias, params):
+        return _FORWARD(input, mask, weight, bias, *params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save(ctx, *inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
+        grad_input, grad_weight, grad_bias = _gradients(ctx, grad_output)
+        return grad_input, None, grad_weight, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, input_tangent, _mask_tangent, weight_tangent, bias_tangent, _params):
+        input, mask, weight, out, _ = ctx.saved_tensors
+        params = ctx.params
+        linear = (params.stride, params.padding, params.dilation, params.groups, "none", 0.0)
+        tangent = None
+        if input_tangent is not None or bias_tangent is not None:
+            dx = input_tangent if input_tangent is not None else torch.zeros_like(input)
+            tangent = _FORWARD(dx, mask, weight, bias_tangent, *linear)[0]
+        if weight_tangent is not None:
+            term = _FORWARD(input, mask, weight_tangent, None, *linear)[0]
+            tangent = term if tangent is None else tangent + term
+        if tangent is not None and params.activation != "none":
+            tangent = tangent * _activation_derivative(out, params)
+        return tangent, None, None

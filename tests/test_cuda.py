@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_problem
-from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv2d_reference
+from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -49,7 +49,7 @@ def test_past_2_31_elements_uses_64bit_indexing():
     bias = torch.randn(2, device="cuda").half()
     out, _ = partial_conv2d(x, mask, weight, bias, padding=1)
     crop = (slice(n - 1, n), slice(None), slice(h - 40, h), slice(w - 40, w))
-    ref, _ = partial_conv2d_reference(x[crop].double(), mask[:, :, h - 40:, w - 40:].double(),
+    ref, _ = partial_conv_reference(x[crop].double(), mask[:, :, h - 40:, w - 40:].double(),
                                       weight.double(), bias.double(), padding=1)
     # the crop's own border is padding for the reference: compare its interior
     torch.testing.assert_close(out[crop][..., 1:-1, 1:-1].double(), ref[..., 1:-1, 1:-1], rtol=2e-3, atol=2e-3)
@@ -82,7 +82,7 @@ def test_cuda_graph_capture_and_replay():
         layer.weight.grad.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        ref, ref_mask = partial_conv2d_reference(x.detach(), m, layer.weight.detach(), layer.bias.detach(),
+        ref, ref_mask = partial_conv_reference(x.detach(), m, layer.weight.detach(), layer.bias.detach(),
                                                  padding=1, activation="relu")
         torch.testing.assert_close(static_out, ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(static_mask, ref_mask)

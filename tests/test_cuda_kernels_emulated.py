@@ -10,7 +10,7 @@ import torch.utils.cpp_extension
 
 import emulation_build
 from conftest import random_problem
-from partialconv_cuda import partial_conv2d_reference
+from partialconv_cuda import partial_conv_reference
 
 HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv2d.cpp"
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -69,7 +69,7 @@ def expected(case, x, m, w, b, grad):
     leaves = [None if t is None else t.double().requires_grad_() for t in (x, w, b)]
     mask = None if m is None else m.double()
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "activation")}
-    out, updated = partial_conv2d_reference(leaves[0], mask, leaves[1], leaves[2],
+    out, updated = partial_conv_reference(leaves[0], mask, leaves[1], leaves[2],
                                             negative_slope=case.get("negative_slope", 0.2), **kwargs)
     out.backward(grad.double())
     kh, kw = w.shape[2:]

@@ -43,13 +43,13 @@ BAD = [
     (dict(stride=0), ValueError, "expected stride to be positive"),
     (dict(dilation=(1, 0)), ValueError, "expected dilation to be positive"),
     (dict(padding=-1), ValueError, "expected padding to be non-negative"),
-    (dict(padding=0, weight=torch.randn(6, 2, 9, 3)), ValueError, "output size would be 0x6 .* expected at least 1x1"),
+    (dict(padding=0, weight=torch.randn(6, 2, 9, 3)), ValueError, "output size would be 0x6 .* expected at least 1 along every dimension"),
     (dict(stride=(1, 1, 1)), ValueError, "expected stride to have 2 elements"),
     (dict(activation="gelu"), ValueError, "expected activation to be None, 'relu' or 'leaky_relu'"),
     (dict(activation="leaky_relu", negative_slope=-0.1), ValueError, "expected negative_slope >= 0"),
     (dict(padding="same", stride=2), ValueError, "padding='same' needs stride 1"),
     (dict(padding="same", weight=torch.randn(6, 2, 2, 2)), ValueError, "padding='same' with an even"),
-    (dict(padding="full"), ValueError, "expected padding to be an int, a pair, 'valid' or 'same'"),
+    (dict(padding="full"), ValueError, "expected padding to be an int, a tuple, 'valid' or 'same'"),
 ]
 
 
@@ -75,9 +75,9 @@ def test_layer_errors():
 
 def test_backward_op_checks_its_inputs():
     args = good()
-    out, _, mask_scales = torch.ops.partialconv_cuda.partial_conv2d_forward(
+    out, _, mask_scales = torch.ops.partialconv_cuda.partial_conv_forward(
         args["input"], args["mask"], args["weight"], args["bias"], [1, 1], [1, 1], [1, 1], 2, "none", 0.0)
-    backward = torch.ops.partialconv_cuda.partial_conv2d_backward
+    backward = torch.ops.partialconv_cuda.partial_conv_backward
     common = (args["input"], args["mask"], args["weight"], None)
     with pytest.raises(ValueError, match=r"expected grad_output of shape \[2, 6, 8, 8\]"):
         backward(out[:, :3], *common, mask_scales, [1, 1], [1, 1], [1, 1], 2, "none", 0.0, [True, True, True])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_mask, random_problem, to_device
-from partialconv_cuda import partial_conv2d, partial_conv2d_reference
+from partialconv_cuda import partial_conv2d, partial_conv_reference
 
 MASK_KINDS = [None, "single", "multi", "soft", "batch1", "batch1_multi", "empty"]
 ACTIVATIONS = [None, "relu", "leaky_relu"]
@@ -53,7 +53,7 @@ def run_both(case, device, dtype=torch.float64, seed=0):
     )
     kwargs = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
                   groups=case["groups"], activation=case["activation"], negative_slope=0.2)
-    return partial_conv2d(x, m, w, b, **kwargs), partial_conv2d_reference(x, m, w, b, **kwargs), (x, m, w, b)
+    return partial_conv2d(x, m, w, b, **kwargs), partial_conv_reference(x, m, w, b, **kwargs), (x, m, w, b)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-p{padding[0]}{padding[1]}"
@@ -85,7 +85,7 @@ def test_low_precision_close_to_float64(dtype, device):
     result rounded once, and at most 2x the error of the pure-PyTorch layer in that dtype."""
     for case in CASES[:24]:
         (out, mask_out), _, (x, m, w, b) = run_both(case, device, dtype=dtype)
-        exact, exact_mask = partial_conv2d_reference(
+        exact, exact_mask = partial_conv_reference(
             *[None if t is None else t.double() for t in (x, m, w, b)],
             stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
             groups=case["groups"], activation=case["activation"], negative_slope=0.2)
@@ -103,7 +103,7 @@ def test_low_precision_no_worse_than_pytorch_layer(dtype, device):
         if case["mask"] == "empty":
             continue
         (out, _), (ref_low, _), (x, m, w, b) = run_both(case, device, dtype=dtype)
-        exact, _ = partial_conv2d_reference(
+        exact, _ = partial_conv_reference(
             *[None if t is None else t.double() for t in (x, m, w, b)],
             stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
             groups=case["groups"], activation=case["activation"], negative_slope=0.2)
@@ -127,7 +127,7 @@ def test_nan_and_inf_in_holes_contribute_nothing(dtype, device):
     assert torch.equal(out, clean_out)
     assert (mask_out == 0).any(), "the test needs fully masked windows"
     # the pure-PyTorch product X*M spreads NaN from holes; the reference's nan_safe mode does not
-    ref_unsafe, _ = partial_conv2d_reference(poisoned, m, w, b, padding=1, nan_safe=False)
+    ref_unsafe, _ = partial_conv_reference(poisoned, m, w, b, padding=1, nan_safe=False)
     assert ref_unsafe.isnan().any()
 
 

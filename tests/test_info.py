@@ -17,17 +17,17 @@ def test_info_reports_the_build(tmp_path):
     text = subprocess.run([sys.executable, "-m", "partialconv_cuda.info"], check=True, cwd=tmp_path,
                           env=env, capture_output=True, text=True).stdout
     assert f"torch {torch.__version__}" in text
-    assert "partialconv_cuda::partial_conv2d_forward: CPU" in text
+    assert "partialconv_cuda::partial_conv_forward: CPU" in text
     assert "CUDA kernels built: " + ("yes" if partialconv_cuda._extension.build_info.WITH_CUDA else "no") in text
 
 
 def test_kernels_registered():
     kernels = info.compiled_kernels()
-    assert "CPU" in kernels["partialconv_cuda::partial_conv2d_forward"]
-    assert "CPU" in kernels["partialconv_cuda::partial_conv2d_backward"]
-    assert "AutocastCPU" in kernels["partialconv_cuda::partial_conv2d_forward"]
+    assert "CPU" in kernels["partialconv_cuda::partial_conv_forward"]
+    assert "CPU" in kernels["partialconv_cuda::partial_conv_backward"]
+    assert "AutocastCPU" in kernels["partialconv_cuda::partial_conv_forward"]
     if partialconv_cuda._extension.build_info.WITH_CUDA:
-        assert "CUDA" in kernels["partialconv_cuda::partial_conv2d_forward"]
+        assert "CUDA" in kernels["partialconv_cuda::partial_conv_forward"]
 
 
 def test_import_under_another_torch_fails_clearly(tmp_path):

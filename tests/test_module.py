@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import random_problem, to_device
-from partialconv_cuda import PartialConv2d, partial_conv2d_reference
+from partialconv_cuda import PartialConv2d, partial_conv_reference
 
 
 def nvidia_formula(layer, x, mask):
@@ -56,7 +56,7 @@ def test_nvidia_keyword_arguments():
     x = torch.randn(1, 2, 6, 6)
     m = (torch.rand(1, 2, 6, 6) > 0.3).float()
     out, mask = layer(x, mask_in=m)
-    ref, ref_mask = partial_conv2d_reference(x, m, layer.weight, layer.bias, padding=1)
+    ref, ref_mask = partial_conv_reference(x, m, layer.weight, layer.bias, padding=1)
     torch.testing.assert_close(out, ref)
     assert mask.shape == (1, 2, 6, 6)
 
@@ -70,7 +70,7 @@ def test_no_stale_cache_between_calls():
     m = (torch.rand(2, 1, 8, 8) > 0.5).double()
     for inp, mask in [(x, m), (x, None), (torch.randn(1, 3, 5, 7, dtype=torch.float64), None), (x, m)]:
         out, mask_out = layer(inp, mask)
-        ref, ref_mask = partial_conv2d_reference(inp, mask, layer.weight, layer.bias, padding=1)
+        ref, ref_mask = partial_conv_reference(inp, mask, layer.weight, layer.bias, padding=1)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(mask_out, ref_mask)
 
@@ -88,7 +88,7 @@ def test_mask_none_is_partial_convolution_padding():
 def test_fused_activation(activation):
     layer = PartialConv2d(3, 5, 3, padding=1, activation=activation, negative_slope=0.2).double()
     x, m, _, _ = random_problem(n=2, cin=3, size=(7, 7))
-    ref, _ = partial_conv2d_reference(x, m, layer.weight, layer.bias, padding=1, activation=activation, negative_slope=0.2)
+    ref, _ = partial_conv_reference(x, m, layer.weight, layer.bias, padding=1, activation=activation, negative_slope=0.2)
     out = layer(x, m)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert (out < 0).any() == (activation == "leaky_relu")
@@ -98,7 +98,7 @@ def test_string_padding():
     layer = PartialConv2d(2, 3, 5, padding="same", dilation=2).double()
     x, m, _, _ = random_problem(n=1, cin=2, size=(9, 9))
     out = layer(x, m)
-    ref, _ = partial_conv2d_reference(x, m, layer.weight, layer.bias, padding=4, dilation=2)
+    ref, _ = partial_conv_reference(x, m, layer.weight, layer.bias, padding=4, dilation=2)
     torch.testing.assert_close(out, ref)
     valid = PartialConv2d(2, 3, 3, padding="valid").double()
     assert valid(x, m).shape == (1, 3, 7, 7)

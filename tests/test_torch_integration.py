@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from conftest import random_problem, to_device
-from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv2d_reference
+from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv_reference
 
-FORWARD = torch.ops.partialconv_cuda.partial_conv2d_forward.default
-BACKWARD = torch.ops.partialconv_cuda.partial_conv2d_backward.default
+FORWARD = torch.ops.partialconv_cuda.partial_conv_forward.default
+BACKWARD = torch.ops.partialconv_cuda.partial_conv_backward.default
 
 
 def forward_samples(device):
@@ -106,7 +106,7 @@ def test_autocast(device, dtype):
     assert out.dtype == dtype and mask.dtype == dtype
     assert not out.isnan().any() and (out[(mask == 0).expand_as(out)] == 0).all()
     low = [t.detach().to(dtype).double() for t in (x, m, layer.weight, layer.bias)]
-    ref, _ = partial_conv2d_reference(*low, padding=1)
+    ref, _ = partial_conv_reference(*low, padding=1)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.detach().double(), ref, rtol=2 * eps, atol=8 * eps * ref.abs().max().item())
     out.float().sum().backward()

@@ -1,4 +1,5 @@
-// CUDA backend of partial_conv2d: checks, device guard, current stream, dtype and index-width
+// CUDA backend of partial_conv for 1 and 2 spatial dimensions (a 1-D problem runs as a 2-D one of
+// height 1; 3-D is refused until the N-d kernels land): checks, device guard, current stream, dtype and index-width
 // dispatch, launches (each one checked). The kernels are in partial_conv2d_kernels.cuh.
 // Everything here is capturable in a CUDA graph: no host synchronisation, and the only
 // allocations (outputs, the grad_weight workspace) go through the caching allocator.
@@ -16,7 +17,7 @@
 #include <limits>
 #include <string>
 
-#include "../partial_conv2d.h"
+#include "../partial_conv.h"
 #include "partial_conv2d_kernels.cuh"
 
 namespace partialconv {
@@ -26,12 +27,14 @@ namespace {
 // overhang past the last row).
 constexpr int64_t kInt32IndexLimit = std::numeric_limits<int32_t>::max() - 4096;
 
+// The (n, c, height, width) strides of a 3-D or 4-D tensor; a 1-D problem's tensors have a height
+// of 1 (stride 0).
 template <typename T>
 cuda::TensorArg<T> tensor_arg(const at::Tensor& t) {
   cuda::TensorArg<T> arg;
   if (!t.defined()) return arg;
   arg.data = static_cast<T*>(t.data_ptr());
-  for (int d = 0; d < 4; ++d) arg.strides[d] = t.stride(d);
+  for (int64_t d = 0; d < t.dim(); ++d) arg.strides[d + (d >= 2 ? 4 - t.dim() : 0)] = t.stride(d);
   return arg;
 }
 
@@ -67,6 +70,10 @@ int64_t grad_weight_splits(const at::Tensor& input, const ConvGeometry& g) {
 }
 
 void check_cuda_limits(const ConvGeometry& g) {
+  TORCH_CHECK_NOT_IMPLEMENTED(g.spatial_dims <= 2, "partial_conv3d: the CUDA kernels do not ",
+                              "support 3 spatial dimensions yet (1-D and 2-D run on CUDA); run ",
+                              "the 3-D layer on the CPU (3-D CUDA support comes with the N-d ",
+                              "kernels)");
   TORCH_CHECK_VALUE(g.groups <= 65535, "partial_conv2d (CUDA): expected groups <= 65535, got ",
                     g.groups);
   TORCH_CHECK_VALUE(g.out_channels <= std::numeric_limits<int32_t>::max(),
@@ -83,9 +90,10 @@ bool forward_needs_64bit_indexing(const at::Tensor& input, const at::Tensor& mas
 std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::Tensor>& mask,
                               const at::Tensor& weight, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ForwardProblem problem = check_forward_args(input, mask, weight, std::nullopt, stride,
+  const ForwardProblem problem = check_forward_args<int64_t>(input, mask, weight, std::nullopt, stride,
                                                     padding, dilation, groups, "none", 0.0);
   const ConvGeometry& g = problem.geometry;
+  check_cuda_limits(g);
   const c10::cuda::CUDAGuard device_guard(input.device());
   auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, g);
   const bool wide = forward_needs_64bit_indexing(input, mask.value_or(at::Tensor()), weight, output,
@@ -100,12 +108,12 @@ std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::T
                   wide ? "64-bit indexing (an offset or row count passes 2^31)" : "32-bit indexing");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
     double negative_slope) {
-  const ForwardProblem problem = check_forward_args(input, mask, weight, bias, stride, padding,
+  const ForwardProblem problem = check_forward_args<int64_t>(input, mask, weight, bias, stride, padding,
                                                     dilation, groups, activation, negative_slope);
   const ConvGeometry& g = problem.geometry;
   check_cuda_limits(g);
@@ -116,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool wide = forward_needs_64bit_indexing(input, mask_t, weight, output, mask_scales, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv2d_forward_cuda", [&] {
+      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const cuda::ForwardArgs<scalar_t, acc_t> args{
             g,
@@ -138,14 +146,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_cuda(
   return {output, updated_mask, mask_scales};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& mask,
     const at::Tensor& weight, const std::optional<at::Tensor>& output,
     const at::Tensor& mask_scales_in, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
     double negative_slope, std::array<bool, 3> output_mask) {
   const ForwardProblem problem =
-      check_backward_args(grad_output, input, mask, weight, output, mask_scales_in, stride, padding,
+      check_backward_args<int64_t>(grad_output, input, mask, weight, output, mask_scales_in, stride, padding,
                           dilation, groups, activation, negative_slope);
   const ConvGeometry& g = problem.geometry;
   check_cuda_limits(g);
@@ -165,11 +173,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
                      : at::Tensor();
   const bool wide = needs_64bit_indexing(
       {grad_output, input, mask_t, weight, output_t, mask_scales, grad_input, workspace},
-      {g.batch * g.in_height * g.in_width, g.batch * g.out_positions(), g.reduction_size(),
+      {g.batch * g.in_size[1] * g.in_size[2], g.batch * g.out_positions(), g.reduction_size(),
        g.out_channels_per_group() * g.taps()});
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv2d_backward_cuda", [&] {
+      at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const cuda::BackwardArgs<scalar_t, acc_t> args{
             g,
@@ -200,8 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(partialconv_cuda, CUDA, m) {
-  m.impl("partial_conv2d_forward", TORCH_FN(partial_conv2d_forward_cuda));
-  m.impl("partial_conv2d_backward", TORCH_FN(partial_conv2d_backward_cuda));
+  m.impl("partial_conv_forward", TORCH_FN(partial_conv_forward_cuda));
+  m.impl("partial_conv_backward", TORCH_FN(partial_conv_backward_cuda));
   m.impl("forward_path", TORCH_FN(forward_path_cuda));
 }
 

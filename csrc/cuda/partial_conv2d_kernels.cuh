@@ -27,7 +27,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "../partial_conv2d_math.h"
+#include "../partial_conv_math.h"
 #include "warp_mma.cuh"
 
 #ifndef PCONV_CUDA_EMULATION
@@ -128,10 +128,10 @@ struct Dividers {
   Divider<index_t> out_plane, out_width, in_plane, in_width, taps, kernel_w, stride_h, stride_w;
 
   static Dividers make(const ConvShape<index_t>& g) {
-    return {Divider<index_t>::make(g.out_height * g.out_width), Divider<index_t>::make(g.out_width),
-            Divider<index_t>::make(g.in_height * g.in_width),   Divider<index_t>::make(g.in_width),
-            Divider<index_t>::make(g.taps()),                   Divider<index_t>::make(g.kernel_w),
-            Divider<index_t>::make(g.stride_h),                 Divider<index_t>::make(g.stride_w)};
+    return {Divider<index_t>::make(g.out_size[1] * g.out_size[2]), Divider<index_t>::make(g.out_size[2]),
+            Divider<index_t>::make(g.in_size[1] * g.in_size[2]),   Divider<index_t>::make(g.in_size[2]),
+            Divider<index_t>::make(g.taps()),                   Divider<index_t>::make(g.kernel[2]),
+            Divider<index_t>::make(g.stride[1]),                 Divider<index_t>::make(g.stride[2])};
   }
   PCONV_HOST_DEVICE Position<index_t> output_position(index_t row) const {
     const Digits<index_t> d = mixed_radix_digits(row, out_plane, out_width);
@@ -155,9 +155,9 @@ struct MaskedInput {
 
   PCONV_HOST_DEVICE acc_t operator()(index_t n, index_t c, index_t oy, index_t ox, index_t ky,
                                      index_t kx) const {
-    const index_t iy = input_coord<index_t>(oy, ky, g.stride_h, g.pad_h, g.dilation_h);
-    const index_t ix = input_coord<index_t>(ox, kx, g.stride_w, g.pad_w, g.dilation_w);
-    if (iy < 0 || iy >= g.in_height || ix < 0 || ix >= g.in_width) return acc_t(0);
+    const index_t iy = input_coord<index_t>(oy, ky, g.stride[1], g.pad[1], g.dilation[1]);
+    const index_t ix = input_coord<index_t>(ox, kx, g.stride[2], g.pad[2], g.dilation[2]);
+    if (iy < 0 || iy >= g.in_size[1] || ix < 0 || ix >= g.in_size[2]) return acc_t(0);
     const acc_t x = acc_t(input(n, c, iy, ix));
     if (mask.data == nullptr) return x;
     const index_t nm = g.mask_batch == 1 ? index_t(0) : n;
@@ -177,9 +177,9 @@ struct ScaledOutputGrad {
   PCONV_HOST_DEVICE OutputGrad<acc_t> operator()(index_t n, index_t c, index_t oy,
                                                  index_t ox) const {
     const index_t nm = g.mask_batch == 1 ? index_t(0) : n;
-    const index_t positions = g.out_height * g.out_width;
+    const index_t positions = g.out_size[1] * g.out_size[2];
     const acc_t* image = mask_scales + 2 * nm * positions;
-    const index_t p = oy * g.out_width + ox;
+    const index_t p = oy * g.out_size[2] + ox;
     const acc_t z = output.data != nullptr ? acc_t(output(n, c, oy, ox)) : acc_t(0);
     return partial_conv_output_grad(acc_t(grad_output(n, c, oy, ox)), z,
                                     MaskScale<acc_t>{image[p], image[positions + p]}, activation,
@@ -482,9 +482,10 @@ struct ForwardGemm {
     acc_t partial = acc_t(0);
     if (row < rows) {
       const Strided4d<const scalar_t, index_t>& m = masked_input.mask;
+      const index_t strides[kDims] = {index_t(0), m.s2, m.s3}, position[kDims] = {index_t(0), pos.y, pos.x};
       partial = window_mask_sum<acc_t, scalar_t, index_t>(
           m.data != nullptr ? m.data + nm * m.s0 : nullptr,
-          g.mask_channels > 1 ? g.mask_channels : index_t(1), m.s1, m.s2, m.s3, g, pos.y, pos.x,
+          g.mask_channels > 1 ? g.mask_channels : index_t(1), m.s1, strides, g, position,
           index_t(part), index_t(kMaskSumParts));
     }
     sh.partial_sum[part][r] = partial;
@@ -496,7 +497,7 @@ struct ForwardGemm {
       for (int q = 0; q < kMaskSumParts; ++q) s += sh.partial_sum[q][r];
       sh.scale[r] = mask_scale(s, window_size);
       if (row < rows) {
-        if (s > acc_t(0)) atomicMax(&sh.any_valid, 1);
+        if (!is_hole(sh.scale[r])) atomicMax(&sh.any_valid, 1);
         if (blockIdx.y == 0 && z == 0 && pos.n < g.mask_batch) {
           const index_t positions = divide.out_plane.divisor;
           const index_t p = row - pos.n * positions;
@@ -561,7 +562,7 @@ struct GradInputGemm {
         weight(args.weight.template as<index_t>()),
         mask(args.mask.template as<index_t>()),
         grad_input(args.grad_input.template as<index_t>()),
-        rows(g.batch * g.in_height * g.in_width),
+        rows(g.batch * g.in_size[1] * g.in_size[2]),
         cols(g.in_channels_per_group()),
         reduction(g.out_channels_per_group() * g.taps()) {}
 
@@ -581,8 +582,8 @@ struct GradInputGemm {
   PCONV_HOST_DEVICE acc_t load_a(index_t row, index_t k, int group) const {
     const Position<index_t> pos = divide.input_position(row);
     const Tap<index_t> tap = divide.tap(k);  // tap.c: output channel within the group
-    const index_t oy = output_coord(pos.y, tap.ky, divide.stride_h, g.pad_h, g.dilation_h, g.out_height);
-    const index_t ox = output_coord(pos.x, tap.kx, divide.stride_w, g.pad_w, g.dilation_w, g.out_width);
+    const index_t oy = output_coord(pos.y, tap.ky, divide.stride_h, g.pad[1], g.dilation[1], g.out_size[1]);
+    const index_t ox = output_coord(pos.x, tap.kx, divide.stride_w, g.pad[2], g.dilation[2], g.out_size[2]);
     if (oy < 0 || ox < 0) return acc_t(0);
     return output_grad(pos.n, group * g.out_channels_per_group() + tap.c, oy, ox).conv;
   }

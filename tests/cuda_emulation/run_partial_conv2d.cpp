@@ -100,29 +100,36 @@ struct Writer {
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& writer) {
-  ConvGeometry g{h.batch,   h.in_channels, h.in_height,  h.in_width,   h.out_channels,
-                 h.kernel_h, h.kernel_w,   h.stride_h,   h.stride_w,   h.pad_h,
-                 h.pad_w,   h.dilation_h,  h.dilation_w, h.groups,     0,
-                 0,         h.mask_batch,  h.mask_channels};
-  g.out_height = partialconv::conv_output_size(g.in_height, g.kernel_h, g.stride_h, g.pad_h, g.dilation_h);
-  g.out_width = partialconv::conv_output_size(g.in_width, g.kernel_w, g.stride_w, g.pad_w, g.dilation_w);
+  // A 2-D problem: a leading unit depth.
+  ConvGeometry g{};
+  g.batch = h.batch, g.in_channels = h.in_channels, g.out_channels = h.out_channels;
+  g.groups = h.groups, g.mask_batch = h.mask_batch, g.mask_channels = h.mask_channels;
+  g.spatial_dims = 2;
+  const int64_t in_size[] = {1, h.in_height, h.in_width}, kernel[] = {1, h.kernel_h, h.kernel_w};
+  const int64_t stride[] = {1, h.stride_h, h.stride_w}, pad[] = {0, h.pad_h, h.pad_w};
+  const int64_t dilation[] = {1, h.dilation_h, h.dilation_w};
+  for (int d = 0; d < partialconv::kDims; ++d) {
+    g.in_size[d] = in_size[d], g.kernel[d] = kernel[d], g.stride[d] = stride[d];
+    g.pad[d] = pad[d], g.dilation[d] = dilation[d];
+    g.out_size[d] = partialconv::conv_output_size(in_size[d], kernel[d], stride[d], pad[d], dilation[d]);
+  }
   const bool cl = h.channels_last != 0;
   const int64_t cin_g = g.in_channels / g.groups;
 
-  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_height, g.in_width, cl);
-  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_height, g.in_width, cl);
-  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel_h, g.kernel_w, false);
+  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_size[1], g.in_size[2], cl);
+  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size[1], g.in_size[2], cl);
+  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel[1], g.kernel[2], false);
   Buffer<scalar_t> bias(1, 1, 1, h.has_bias ? g.out_channels : 0, false);
-  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_height, g.out_width, cl);
+  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_size[1], g.out_size[2], cl);
   reader.fill(input);
   reader.fill(mask);
   reader.fill(weight);
   reader.fill(bias);
   reader.fill(grad_output);
 
-  Buffer<scalar_t> output(g.batch, g.out_channels, g.out_height, g.out_width, cl);
-  Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_height, g.out_width, false);
-  Buffer<acc_t> mask_scales(g.mask_batch, 2, g.out_height, g.out_width, false);
+  Buffer<scalar_t> output(g.batch, g.out_channels, g.out_size[1], g.out_size[2], cl);
+  Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_size[1], g.out_size[2], false);
+  Buffer<acc_t> mask_scales(g.mask_batch, 2, g.out_size[1], g.out_size[2], false);
   const Activation activation = static_cast<Activation>(h.activation);
 
   pc::ForwardArgs<scalar_t, acc_t> forward{g,
@@ -140,8 +147,8 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   writer.write(updated_mask);
   writer.write(mask_scales);
 
-  Buffer<scalar_t> grad_input(g.batch, g.in_channels, g.in_height, g.in_width, cl);
-  Buffer<scalar_t> grad_weight(g.out_channels, cin_g, g.kernel_h, g.kernel_w, false);
+  Buffer<scalar_t> grad_input(g.batch, g.in_channels, g.in_size[1], g.in_size[2], cl);
+  Buffer<scalar_t> grad_weight(g.out_channels, cin_g, g.kernel[1], g.kernel[2], false);
   Buffer<scalar_t> grad_bias(1, 1, 1, g.out_channels, false);
   const int64_t splits = pc::grad_weight_splits<scalar_t>(g, h.multiprocessors);
   std::vector<acc_t> workspace(size_t(pc::grad_weight_workspace_elements(g, splits)));

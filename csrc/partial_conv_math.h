@@ -1,4 +1,4 @@
-// The partial convolution formula and its index math, written once and shared by the CPU kernel,
+// The partial convolution formula and its index math, written once and shared by the CPU kernels,
 // the CUDA kernels and the host emulation of the CUDA kernels. Torch-free on purpose: the emulator
 // compiles this with a plain host compiler.
 //
@@ -6,9 +6,13 @@
 //   S      = sum of M over the window (taps in the zero padding count as holes; a multi-channel
 //            mask also sums over every input channel)
 //   U      = clamp(S, 0, 1)                                  (the updated mask)
-//   ratio  = winsize / S * U  where S > 0, else 0            (winsize = kh*kw, or Cin*kh*kw)
+//   ratio  = winsize / S * U  where S > 0, else 0            (winsize = prod(kernel), or
+//                                                             C_in * prod(kernel))
 //   out    = act((conv(X*M, W) * ratio + b) * U)
 // A pixel whose mask is exactly 0 contributes 0 even if X holds NaN or Inf there.
+//
+// Every problem is 3-D here: a convolution with 1 or 2 spatial dimensions has leading unit
+// dimensions (size 1, kernel 1, stride 1, padding 0, dilation 1), so one loop nest serves all.
 #pragma once
 
 #include <cstdint>
@@ -24,33 +28,46 @@ namespace partialconv {
 
 enum class Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
 
+// Spatial dimensions every problem is expressed in: depth, height, width.
+constexpr int kDims = 3;
+
 // Everything the kernels need to know about one call, filled by the argument checks. The CUDA
 // kernels convert it to their index type (int32 while every offset fits, else int64).
 template <typename index_t>
 struct ConvShape {
-  index_t batch, in_channels, in_height, in_width;
-  index_t out_channels, kernel_h, kernel_w;
-  index_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups;
-  index_t out_height, out_width;
+  index_t batch, in_channels, out_channels, groups;
+  // Per spatial dimension (depth, height, width); leading unit dimensions for 1-D and 2-D.
+  index_t in_size[kDims], out_size[kDims], kernel[kDims], stride[kDims], pad[kDims],
+      dilation[kDims];
   // mask_batch: 1 or batch (an absent mask is an all-ones mask of batch 1).
   // mask_channels: 0 for an absent mask, 1 for a single-channel mask, in_channels for a
   // multi-channel one.
   index_t mask_batch, mask_channels;
+  // Spatial dimensions of the tensors: 1, 2 or 3 (the arrays above hold kDims - spatial_dims
+  // leading unit dimensions).
+  int spatial_dims;
 
   template <typename other_t>
   PCONV_HOST_DEVICE ConvShape<other_t> as() const {
-    return {other_t(batch),      other_t(in_channels), other_t(in_height),  other_t(in_width),
-            other_t(out_channels), other_t(kernel_h),  other_t(kernel_w),   other_t(stride_h),
-            other_t(stride_w),   other_t(pad_h),       other_t(pad_w),      other_t(dilation_h),
-            other_t(dilation_w), other_t(groups),      other_t(out_height), other_t(out_width),
-            other_t(mask_batch), other_t(mask_channels)};
+    ConvShape<other_t> g{};
+    g.batch = other_t(batch), g.in_channels = other_t(in_channels);
+    g.out_channels = other_t(out_channels), g.groups = other_t(groups);
+    for (int d = 0; d < kDims; ++d) {
+      g.in_size[d] = other_t(in_size[d]), g.out_size[d] = other_t(out_size[d]);
+      g.kernel[d] = other_t(kernel[d]), g.stride[d] = other_t(stride[d]);
+      g.pad[d] = other_t(pad[d]), g.dilation[d] = other_t(dilation[d]);
+    }
+    g.mask_batch = other_t(mask_batch), g.mask_channels = other_t(mask_channels);
+    g.spatial_dims = spatial_dims;
+    return g;
   }
   PCONV_HOST_DEVICE index_t in_channels_per_group() const { return in_channels / groups; }
   PCONV_HOST_DEVICE index_t out_channels_per_group() const { return out_channels / groups; }
-  PCONV_HOST_DEVICE index_t taps() const { return kernel_h * kernel_w; }
-  // Reduction length of the forward matrix product: (Cin/groups) * kh * kw.
+  PCONV_HOST_DEVICE index_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
+  // Reduction length of the forward matrix product: (C_in/groups) * prod(kernel).
   PCONV_HOST_DEVICE index_t reduction_size() const { return in_channels_per_group() * taps(); }
-  PCONV_HOST_DEVICE index_t out_positions() const { return out_height * out_width; }
+  PCONV_HOST_DEVICE index_t out_positions() const { return out_size[0] * out_size[1] * out_size[2]; }
+  PCONV_HOST_DEVICE index_t in_positions() const { return in_size[0] * in_size[1] * in_size[2]; }
   PCONV_HOST_DEVICE bool multi_channel_mask() const { return mask_channels > 1; }
   // winsize of the formula: every element the mask window covers.
   PCONV_HOST_DEVICE index_t window_size() const {
@@ -96,7 +113,8 @@ struct Divider {
   PCONV_HOST_DEVICE index_t mod(index_t n) const { return n - div(n) * divisor; }
 };
 
-// Output extent of a convolution; below 1 means the window does not fit.
+// Output extent of a convolution along one dimension; below 1 means the window does not fit.
+// The caller keeps in + 2 * pad and dilation * (kernel - 1) within int64 (the argument checks do).
 PCONV_HOST_DEVICE int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
                                            int64_t dilation) {
   const int64_t span = in + 2 * pad - dilation * (kernel - 1) - 1;
@@ -138,15 +156,27 @@ struct MaskScale {
   acc_t update;  // U = clamp(S, 0, 1)
 };
 
+// A window that sees no valid pixel (a finite S <= 0): output and mask exactly 0, no matrix work.
+// Every other window is computed, so that a NaN or an infinity in the mask reaches the output and
+// the gradients as the formula says, whatever path runs.
+template <typename acc_t>
+PCONV_HOST_DEVICE bool is_hole(MaskScale<acc_t> s) {
+  return s.ratio == acc_t(0) && s.update == acc_t(0);
+}
+
 // winsize / S * U == winsize / max(S, 1) for S > 0 (U = S below 1): the divisor is never below 1.
+// A non-finite S (the mask holds NaN or an infinity in the window) follows the formula: S = NaN
+// gives U = ratio = NaN; S = +inf gives U = 1, ratio = 0 (and conv(X*M) is not finite, so the
+// output is NaN); S = -inf gives U = 0 and a NaN ratio, so that the output is NaN, not a hole.
 template <typename acc_t>
 PCONV_HOST_DEVICE MaskScale<acc_t> mask_scale(acc_t mask_sum, acc_t window_size) {
-  MaskScale<acc_t> s{acc_t(0), acc_t(0)};
   if (mask_sum > acc_t(0)) {
-    s.update = mask_sum < acc_t(1) ? mask_sum : acc_t(1);
-    s.ratio = divide_by_at_least_one(window_size, mask_sum < acc_t(1) ? acc_t(1) : mask_sum);
+    return {divide_by_at_least_one(window_size, mask_sum < acc_t(1) ? acc_t(1) : mask_sum),
+            mask_sum < acc_t(1) ? mask_sum : acc_t(1)};
   }
-  return s;
+  if (mask_sum != mask_sum) return {mask_sum, mask_sum};  // NaN
+  // -inf * 0 is NaN; a finite S <= 0 gives 0: a hole.
+  return {mask_sum * acc_t(0), acc_t(0)};
 }
 
 template <typename acc_t>
@@ -162,11 +192,11 @@ PCONV_HOST_DEVICE acc_t activation_grad(acc_t z, Activation act, acc_t negative_
   return act == Activation::kRelu ? acc_t(0) : negative_slope;
 }
 
-// out = act((conv * ratio + b) * U); a position with U == 0 is a hole and gives exactly 0.
+// out = act((conv * ratio + b) * U); a hole gives exactly 0.
 template <typename acc_t>
 PCONV_HOST_DEVICE acc_t partial_conv_output(acc_t conv, MaskScale<acc_t> s, acc_t bias,
                                             Activation act, acc_t negative_slope) {
-  if (s.update == acc_t(0)) return acc_t(0);
+  if (is_hole(s)) return acc_t(0);
   return apply_activation((conv * s.ratio + bias) * s.update, act, negative_slope);
 }
 
@@ -182,36 +212,39 @@ template <typename acc_t>
 PCONV_HOST_DEVICE OutputGrad<acc_t> partial_conv_output_grad(acc_t g, acc_t z, MaskScale<acc_t> s,
                                                              Activation act,
                                                              acc_t negative_slope) {
-  if (s.update == acc_t(0)) return {acc_t(0), acc_t(0)};
+  if (is_hole(s)) return {acc_t(0), acc_t(0)};
   const acc_t gb = g * activation_grad(z, act, negative_slope) * s.update;
   return {gb * s.ratio, gb};
 }
 
-// S at output position (oy, ox) of one mask image. `mask` points at that image's first element
-// and is read through its strides (expanded, channels_last and sliced masks need no copy);
-// `channels` is 1 for a single-channel mask and Cin for a multi-channel one.
-// A null mask is all ones: S is then the number of taps inside the image.
-// Threads that share one window pass part/parts: each sums the channels c == part (mod parts),
-// and the parts add up to S.
+// S at output position o = (od, oy, ox) of one mask image. `mask` points at that image's first
+// element and is read through its strides (expanded, channels_last and sliced masks need no
+// copy): stride_c between channels, strides[d] along spatial dimension d; `channels` is 1 for a
+// single-channel mask and C_in for a multi-channel one. A null mask is all ones: S is then the
+// number of taps inside the input. Threads that share one window pass part/parts: each sums the
+// channels c == part (mod parts), and the parts add up to S.
 template <typename acc_t, typename scalar_t, typename index_t>
 PCONV_HOST_DEVICE acc_t window_mask_sum(const scalar_t* mask, index_t channels, index_t stride_c,
-                                        index_t stride_h, index_t stride_w,
-                                        const ConvShape<index_t>& g, index_t oy, index_t ox,
-                                        index_t part = 0,
-                                        index_t parts = 1) {
+                                        const index_t (&strides)[kDims],
+                                        const ConvShape<index_t>& g, const index_t (&o)[kDims],
+                                        index_t part = 0, index_t parts = 1) {
   acc_t sum = acc_t(0);
-  for (index_t ky = 0; ky < g.kernel_h; ++ky) {
-    const index_t iy = input_coord<index_t>(oy, ky, g.stride_h, g.pad_h, g.dilation_h);
-    if (iy < 0 || iy >= g.in_height) continue;
-    for (index_t kx = 0; kx < g.kernel_w; ++kx) {
-      const index_t ix = input_coord<index_t>(ox, kx, g.stride_w, g.pad_w, g.dilation_w);
-      if (ix < 0 || ix >= g.in_width) continue;
-      if (mask == nullptr) {
-        sum += part == 0 ? acc_t(1) : acc_t(0);
-        continue;
+  for (index_t kd = 0; kd < g.kernel[0]; ++kd) {
+    const index_t id = input_coord<index_t>(o[0], kd, g.stride[0], g.pad[0], g.dilation[0]);
+    if (id < 0 || id >= g.in_size[0]) continue;
+    for (index_t ky = 0; ky < g.kernel[1]; ++ky) {
+      const index_t iy = input_coord<index_t>(o[1], ky, g.stride[1], g.pad[1], g.dilation[1]);
+      if (iy < 0 || iy >= g.in_size[1]) continue;
+      for (index_t kx = 0; kx < g.kernel[2]; ++kx) {
+        const index_t ix = input_coord<index_t>(o[2], kx, g.stride[2], g.pad[2], g.dilation[2]);
+        if (ix < 0 || ix >= g.in_size[2]) continue;
+        if (mask == nullptr) {
+          sum += part == 0 ? acc_t(1) : acc_t(0);
+          continue;
+        }
+        const index_t offset = id * strides[0] + iy * strides[1] + ix * strides[2];
+        for (index_t c = part; c < channels; c += parts) sum += acc_t(mask[c * stride_c + offset]);
       }
-      for (index_t c = part; c < channels; c += parts)
-        sum += acc_t(mask[c * stride_c + iy * stride_h + ix * stride_w]);
     }
   }
   return sum;

@@ -1,4 +1,4 @@
-// Autocast: partial_conv2d_forward casts its floating-point inputs to the autocast dtype of the
+// Autocast: partial_conv_forward casts its floating-point inputs to the autocast dtype of the
 // device, as conv2d does, then runs the backend kernel below autocast. Backward needs no entry:
 // it receives tensors that already share one dtype.
 #include <ATen/autocast_mode.h>
@@ -12,7 +12,7 @@ namespace partialconv {
 namespace {
 
 template <c10::DeviceType device_type>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_autocast(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_autocast(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
@@ -22,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_autocast(
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("partialconv_cuda::partial_conv2d_forward", "")
+          .findSchemaOrThrow("partialconv_cuda::partial_conv_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
               const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
@@ -37,11 +37,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv2d_forward_autocast(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(partialconv_cuda, AutocastCPU, m) {
-  m.impl("partial_conv2d_forward", TORCH_FN(partial_conv2d_forward_autocast<c10::DeviceType::CPU>));
+  m.impl("partial_conv_forward", TORCH_FN(partial_conv_forward_autocast<c10::DeviceType::CPU>));
 }
 
 TORCH_LIBRARY_IMPL(partialconv_cuda, AutocastCUDA, m) {
-  m.impl("partial_conv2d_forward", TORCH_FN(partial_conv2d_forward_autocast<c10::DeviceType::CUDA>));
+  m.impl("partial_conv_forward", TORCH_FN(partial_conv_forward_autocast<c10::DeviceType::CUDA>));
 }
 
 }  // namespace partialconv

@@ -1,0 +1,172 @@
+// Pieces every CPU path shares: strided tensor views, the saved mask scales of one mask image,
+// thread grains, and the per-line loops of the epilogue and of the output-gradient scaling.
+//
+// Positions are handled in the 3-D form of partial_conv_math.h (depth, height, width; leading
+// unit dimensions for 1-D and 2-D problems). A "line" is one (depth, height) pair: the positions
+// along the width at fixed depth and height, the unit of every inner loop.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../partial_conv.h"
+
+namespace partialconv {
+namespace cpu {
+
+// Inner parallel loops give each task at least this many iterations; small problems run inline
+// instead of paying for a thread wake-up.
+constexpr int64_t kMinWorkPerTask = int64_t(1) << 15;
+
+inline int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinWorkPerTask / std::max<int64_t>(work_per_item, 1));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A 3-D, 4-D or 5-D tensor read through its strides as (n, c, depth, height, width), so that
+// expanded, sliced and channels_last tensors need no copy; absent leading spatial dimensions have
+// size 1 and stride 0.
+template <typename T>
+struct StridedTensor {
+  T* data = nullptr;
+  int64_t s[2 + kDims] = {0, 0, 0, 0, 0};
+
+  StridedTensor() = default;
+  explicit StridedTensor(const at::Tensor& t) {
+    if (!t.defined()) return;
+    data = static_cast<T*>(t.data_ptr());
+    const int64_t lead = 2 + kDims - t.dim();
+    s[0] = t.stride(0), s[1] = t.stride(1);
+    for (int64_t d = 2; d < t.dim(); ++d) s[lead + d] = t.stride(d);
+  }
+  T& operator()(int64_t n, int64_t c, int64_t d, int64_t h, int64_t w) const {
+    return data[n * s[0] + c * s[1] + d * s[2] + h * s[3] + w * s[4]];
+  }
+  // The first element of a line (n, c, d, h, 0); its elements are s[4] apart.
+  T* line(int64_t n, int64_t c, int64_t d, int64_t h) const { return &(*this)(n, c, d, h, 0); }
+};
+
+// The saved scales of one mask image: ratio and update for its P output positions (raster order
+// over depth, height, width).
+template <typename acc_t>
+struct ImageScales {
+  const acc_t* ratio;
+  const acc_t* update;
+  bool is_hole(int64_t p) const { return partialconv::is_hole(MaskScale<acc_t>{ratio[p], update[p]}); }
+};
+
+template <typename acc_t>
+ImageScales<acc_t> image_scales(const at::Tensor& mask_scales, int64_t nm, int64_t P) {
+  const acc_t* image = mask_scales.const_data_ptr<acc_t>() + nm * 2 * P;
+  return {image, image + P};
+}
+
+// Calls f(std::integral_constant<Activation, act>{}) for the runtime activation, so that the
+// per-element loops below see it as a constant and vectorise.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu: return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+  }
+}
+
+// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count; the
+// unit stride has its own loop.
+template <Activation act, typename scalar_t, typename acc_t>
+void write_output_line(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
+                       acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
+  const auto value = [&](int64_t i) {
+    return static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+  };
+  if (out_stride == 1) {
+    for (int64_t i = 0; i < count; ++i) out[i] = value(i);
+  } else {
+    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(i);
+  }
+}
+
+// grad_conv[i] = dL/dconv at count positions of one output line, from the incoming gradient and
+// the output (read only for an activation); returns the line's dL/dbias.
+template <Activation act, typename scalar_t, typename acc_t>
+acc_t scale_output_grad_line(const scalar_t* grad, int64_t grad_stride, const scalar_t* out,
+                             int64_t out_stride, const acc_t* ratio, const acc_t* update,
+                             acc_t slope, acc_t* grad_conv, int64_t count) {
+  acc_t bias_sum = acc_t(0);
+  for (int64_t i = 0; i < count; ++i) {
+    const OutputGrad<acc_t> og = partial_conv_output_grad(
+        acc_t(grad[i * grad_stride]), out ? acc_t(out[i * out_stride]) : acc_t(0),
+        MaskScale<acc_t>{ratio[i], update[i]}, act, slope);
+    grad_conv[i] = og.conv;
+    bias_sum += og.bias;
+  }
+  return bias_sum;
+}
+
+// dst[i] = X*M at input columns ix0 + i * step of one input line (M null: no mask), exactly 0 in
+// holes. The contiguous case is a plain loop g++ vectorises (with -fno-trapping-math).
+template <typename scalar_t, typename acc_t>
+void gather_masked_line(const scalar_t* x_line, int64_t x_stride, const scalar_t* m_line,
+                        int64_t m_stride, int64_t ix0, int64_t step, int64_t count, acc_t* dst) {
+  if (step == 1 && x_stride == 1 && (m_line == nullptr || m_stride == 1)) {
+    const scalar_t* x = x_line + ix0;
+    if (m_line != nullptr) {
+      const scalar_t* m = m_line + ix0;
+      for (int64_t i = 0; i < count; ++i) dst[i] = masked_value(acc_t(x[i]), acc_t(m[i]));
+    } else {
+      for (int64_t i = 0; i < count; ++i) dst[i] = acc_t(x[i]);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t ix = ix0 + i * step;
+    const acc_t v = acc_t(x_line[ix * x_stride]);
+    dst[i] = m_line != nullptr ? masked_value(v, acc_t(m_line[ix * m_stride])) : v;
+  }
+}
+
+// The mask line matching input line (n, c, d, h): the mask image of n, its channel c for a
+// multi-channel mask; null without a mask.
+template <typename scalar_t>
+const scalar_t* mask_line(const StridedTensor<const scalar_t>& m, const ConvGeometry& g,
+                          int64_t n, int64_t c, int64_t d, int64_t h) {
+  if (m.data == nullptr) return nullptr;
+  return m.line(g.mask_batch == 1 ? 0 : n, g.multi_channel_mask() ? c : 0, d, h);
+}
+
+// grad_input of image n = M * grad_image (d(X*M)/dX = M; a hole gets exactly 0). grad_image (C_in
+// planes of the input's positions) is left zeroed for the next image.
+template <typename scalar_t, typename acc_t>
+void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar_t>& m,
+                             const StridedTensor<scalar_t>& gin, const ConvGeometry& g, int64_t n) {
+  const int64_t lines = g.in_size[0] * g.in_size[1], width = g.in_size[2];
+  at::parallel_for(0, g.in_channels, grain(g.in_positions()), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t line = 0; line < lines; ++line) {
+        const int64_t d = line / g.in_size[1], h = line % g.in_size[1];
+        acc_t* values = grad_image + (c * lines + line) * width;
+        const scalar_t* mask = mask_line(m, g, n, c, d, h);
+        scalar_t* out = gin.line(n, c, d, h);
+        for (int64_t w = 0; w < width; ++w) {
+          out[w * gin.s[4]] = static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
+          values[w] = acc_t(0);
+        }
+      }
+    }
+  });
+}
+
+// Tensor options of the accumulation type of scalar_t.
+inline at::TensorOptions acc_options(const at::Tensor& input) {
+  return input.options().dtype(mask_scales_dtype(input.scalar_type()));
+}
+
+}  // namespace cpu
+}  // namespace partialconv
+

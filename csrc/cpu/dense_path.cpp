@@ -1,0 +1,349 @@
+// Dense path: bands along the first spatial dimension of the tensors (the "band axis": the depth
+// in 3-D, the height in 2-D, the length in 1-D). Each band's input slab is copied once with the
+// mask applied (a band at a time: X*M never exists as a whole tensor) and fed to ATen's
+// convolution (oneDNN), whose direct convolution reads each input once instead of prod(kernel)
+// times as the packed columns do; the epilogue then applies ratio, bias, U and activation. Slabs
+// of output positions that are all holes skip the convolution. Backward goes through
+// at::convolution_backward band by band.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_common.h"
+#include "paths.h"
+
+namespace partialconv {
+namespace cpu {
+namespace {
+
+// Elements of one band's masked input copy (unless a single band-axis index needs more).
+constexpr int64_t kBandElements = int64_t(1) << 21;
+
+int band_axis(const ConvGeometry& g) { return kDims - g.spatial_dims; }
+
+// Positions per band-axis index: the product of the extents after the band axis.
+int64_t slab_positions(const int64_t (&sizes)[kDims], int axis) {
+  int64_t positions = 1;
+  for (int d = axis + 1; d < kDims; ++d) positions *= sizes[d];
+  return positions;
+}
+
+// The input indices along the band axis that a band of output indices reads: `count` indices
+// from `first` are copied (those outside the input as zeros), and `pad` more zero indices on
+// either side are left to the convolution's own padding. The padding both sides share is passed
+// on rather than copied, so that a band covering the whole input is the very convolution that
+// conv2d would run (oneDNN's choice of algorithm depends on the shape: dec7's 1024->512 3x3 at
+// 4x4 ran 1.7x slower with explicit zero rows).
+struct RowSpan {
+  int64_t first, count, pad;
+};
+
+RowSpan input_rows(const ConvGeometry& g, int64_t begin, int64_t end) {
+  const int a = band_axis(g);
+  const int64_t first = begin * g.stride[a] - g.pad[a];
+  const int64_t count = (end - begin - 1) * g.stride[a] + g.dilation[a] * (g.kernel[a] - 1) + 1;
+  const int64_t pad = std::max<int64_t>(0, std::min(-first, first + count - g.in_size[a]));
+  return {first + pad, count - 2 * pad, pad};
+}
+
+// Output indices [begin, end) along the band axis of one image, processed together.
+struct Band {
+  int64_t begin, end;
+};
+
+// Output indices per band: about kBandElements of masked input copy, at least one. Computed in
+// floating point: the element count of a band can pass int64 for absurd strides.
+int64_t most_band_rows(const ConvGeometry& g) {
+  const int a = band_axis(g);
+  const double per_row = double(g.in_channels) * double(slab_positions(g.in_size, a)) * double(g.stride[a]);
+  const double rows = per_row > 0 ? double(kBandElements) / per_row : double(g.out_size[a]);
+  return std::max<int64_t>(1, int64_t(std::min(rows, double(g.out_size[a]))));
+}
+
+// Runs of band-axis output indices whose slab holds a position that is not a hole, split to at
+// most most_band_rows() each.
+template <typename acc_t>
+std::vector<Band> plan_bands(ImageScales<acc_t> scales, const ConvGeometry& g) {
+  const int a = band_axis(g);
+  const int64_t most = most_band_rows(g), slab = slab_positions(g.out_size, a);
+  std::vector<Band> bands;
+  for (int64_t o = 0; o < g.out_size[a]; ++o) {
+    bool any_valid = false;
+    for (int64_t p = o * slab; p < (o + 1) * slab && !any_valid; ++p) any_valid = !scales.is_hole(p);
+    if (!any_valid) continue;
+    if (!bands.empty() && bands.back().end == o && o - bands.back().begin < most)
+      bands.back().end = o + 1;
+    else
+      bands.push_back({o, o + 1});
+  }
+  return bands;
+}
+
+// A box of positions [lo, hi) per dimension; its lines are the (depth, height) pairs, each a run
+// along the width. Stored contiguously, line (d, h) starts at ((d - lo0) * extent1 + h - lo1) *
+// extent2.
+struct Box {
+  int64_t lo[kDims], hi[kDims];
+  int64_t extent(int d) const { return hi[d] - lo[d]; }
+  int64_t lines() const { return extent(0) * extent(1); }
+  int64_t positions() const { return lines() * extent(2); }
+  int64_t depth(int64_t line) const { return lo[0] + line / extent(1); }
+  int64_t height(int64_t line) const { return lo[1] + line % extent(1); }
+};
+
+// The box that spans [begin, end) along the band axis and all of `sizes` along the others.
+Box band_box(const ConvGeometry& g, const int64_t (&sizes)[kDims], int64_t begin, int64_t end) {
+  Box box{};
+  for (int d = 0; d < kDims; ++d) box.lo[d] = 0, box.hi[d] = sizes[d];
+  box.lo[band_axis(g)] = begin;
+  box.hi[band_axis(g)] = end;
+  return box;
+}
+
+// {1, channels, extents of the box along the tensors' spatial dimensions}.
+std::vector<int64_t> band_shape(const ConvGeometry& g, int64_t channels, const Box& box) {
+  std::vector<int64_t> shape{1, channels};
+  for (int d = kDims - g.spatial_dims; d < kDims; ++d) shape.push_back(box.extent(d));
+  return shape;
+}
+
+// The masked input of one image over `box` (which may reach past the input: zeros there), as a
+// contiguous (1, C_in, *box extents) tensor of acc_t at the start of `buffer`, which grows as
+// needed.
+template <typename scalar_t, typename acc_t>
+at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
+                       const ConvGeometry& g, int64_t n, const Box& box, at::Tensor& buffer) {
+  const int64_t elements = g.in_channels * box.positions();
+  if (buffer.numel() < elements) buffer = at::empty({elements}, buffer.options());
+  acc_t* data = buffer.data_ptr<acc_t>();
+  const int64_t lines = box.lines(), width = box.extent(2);
+  const int64_t w_lo = std::max<int64_t>(box.lo[2], 0), w_hi = std::min(box.hi[2], g.in_size[2]);
+  at::parallel_for(0, g.in_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i / lines, d = box.depth(i % lines), h = box.height(i % lines);
+      acc_t* dst = data + i * width;
+      if (d < 0 || d >= g.in_size[0] || h < 0 || h >= g.in_size[1] || w_hi <= w_lo) {
+        std::fill(dst, dst + width, acc_t(0));
+        continue;
+      }
+      std::fill(dst, dst + (w_lo - box.lo[2]), acc_t(0));
+      gather_masked_line(x.line(n, c, d, h), x.s[4], mask_line(m, g, n, c, d, h), m.s[4], w_lo, 1,
+                         w_hi - w_lo, dst + (w_lo - box.lo[2]));
+      std::fill(dst + (w_hi - box.lo[2]), dst + width, acc_t(0));
+    }
+  });
+  return buffer.narrow(0, 0, elements).view(band_shape(g, g.in_channels, box));
+}
+
+// The input box a band reads, and the convolution's padding for it (the band's shared padding
+// along the band axis, the layer's along the others).
+struct BandInput {
+  Box box;
+  std::vector<int64_t> padding;
+};
+
+BandInput band_input(const ConvGeometry& g, const Band& band) {
+  const int a = band_axis(g);
+  const RowSpan rows = input_rows(g, band.begin, band.end);
+  BandInput input{band_box(g, g.in_size, rows.first, rows.first + rows.count), {}};
+  for (int d = a; d < kDims; ++d) input.padding.push_back(d == a ? rows.pad : g.pad[d]);
+  return input;
+}
+
+std::vector<int64_t> real_dims(const ConvGeometry& g, const int64_t (&values)[kDims]) {
+  return spatial_sizes(values, g.spatial_dims);
+}
+
+// Writes zeros to the output positions of the band-axis indices no band covers.
+template <typename scalar_t>
+void zero_uncovered(const StridedTensor<scalar_t>& out, const ConvGeometry& g, int64_t n,
+                    const std::vector<Band>& bands) {
+  const int a = band_axis(g);
+  std::vector<char> covered(size_t(g.out_size[a]), 0);
+  for (const Band& band : bands) std::fill(covered.begin() + band.begin, covered.begin() + band.end, 1);
+  at::parallel_for(0, g.out_channels, grain(g.out_positions()), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t o = 0; o < g.out_size[a]; ++o) {
+        if (covered[size_t(o)]) continue;
+        const Box box = band_box(g, g.out_size, o, o + 1);
+        for (int64_t line = 0; line < box.lines(); ++line) {
+          scalar_t* dst = out.line(n, c, box.depth(line), box.height(line));
+          for (int64_t w = box.lo[2]; w < box.hi[2]; ++w) dst[w * out.s[4]] = scalar_t(0);
+        }
+      }
+  });
+}
+
+// Offset of the first position of line `line` of an output box in the raster order of the
+// mask scales.
+int64_t scales_offset(const ConvGeometry& g, const Box& box, int64_t line) {
+  return (box.depth(line) * g.out_size[1] + box.height(line)) * g.out_size[2] + box.lo[2];
+}
+
+}  // namespace
+
+template <typename scalar_t>
+void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
+                   const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
+                   const at::Tensor& mask_scales) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvGeometry& g = problem.geometry;
+  const int64_t P = g.out_positions();
+  const at::TensorOptions options = acc_options(input);
+  const at::Tensor w = weight.to(options.dtype()).contiguous();
+  const at::Tensor b = bias.defined() ? bias.to(options.dtype()).contiguous() : at::Tensor();
+  const acc_t* bias_data = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
+  const StridedTensor<const scalar_t> x(input), m(mask);
+  const StridedTensor<scalar_t> out(output);
+  const acc_t slope = acc_t(problem.negative_slope);
+  at::Tensor buffer = at::empty({0}, options);
+  const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
+  const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
+
+  std::vector<Band> bands;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const int64_t nm = g.mask_batch == 1 ? 0 : n;
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    if (n == 0 || nm != 0) bands = plan_bands(scales, g);
+    for (const Band& band : bands) {
+      const BandInput in = band_input(g, band);
+      const at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, buffer), w, {},
+                                              stride, in.padding, dilation, false, no_output_padding,
+                                              g.groups).contiguous();
+      const acc_t* conv_data = conv.const_data_ptr<acc_t>();
+      const Box box = band_box(g, g.out_size, band.begin, band.end);
+      const int64_t lines = box.lines(), width = box.extent(2);
+      at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t c = i / lines, line = i % lines, p0 = scales_offset(g, box, line);
+          const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
+          scalar_t* dst = out.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * out.s[4];
+          with_activation(problem.activation, [&](auto act) {
+            write_output_line<decltype(act)::value>(conv_data + i * width, scales.ratio + p0,
+                                                    scales.update + p0, bias_c, slope, dst,
+                                                    out.s[4], width);
+          });
+        }
+      });
+    }
+    zero_uncovered(out, g, n, bands);
+  }
+}
+
+template <typename scalar_t>
+void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mask,
+                    const at::Tensor& weight, const at::Tensor& output,
+                    const at::Tensor& mask_scales, const ForwardProblem& problem,
+                    std::array<bool, 3> output_mask, at::Tensor& grad_input,
+                    at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const ConvGeometry& g = problem.geometry;
+  const auto [need_input, need_weight, need_bias] = output_mask;
+  const int64_t P = g.out_positions();
+  const int a = band_axis(g);
+  const at::TensorOptions options = acc_options(input);
+  const at::Tensor w = weight.to(options.dtype()).contiguous();
+  // The bands' weight gradients summed: the first band's own tensor, the later ones added to it
+  // (no zero-filled accumulator: the deep layers' weights are megabytes and their images tiny).
+  at::Tensor grad_weight_sum;
+  at::Tensor grad_bias_acc = at::zeros({g.out_channels}, options);
+  // grad_input of one image before the multiplication by M: (C_in, *spatial).
+  std::vector<int64_t> image_shape{need_input ? g.in_channels : 0};
+  for (const int64_t s : real_dims(g, g.in_size)) image_shape.push_back(s);
+  at::Tensor grad_image = at::zeros(image_shape, options);
+  at::Tensor buffer = at::empty({0}, options);
+  const at::Tensor grad_conv_buffer =
+      at::empty({g.out_channels * most_band_rows(g) * slab_positions(g.out_size, a)}, options);
+  const StridedTensor<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
+  const StridedTensor<scalar_t> gin(grad_input);
+  acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
+  const acc_t slope = acc_t(problem.negative_slope);
+  const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
+  const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
+
+  std::vector<Band> bands;
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const int64_t nm = g.mask_batch == 1 ? 0 : n;
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    // Slabs of holes have a zero gradient scale: skipped as in forward.
+    if (n == 0 || nm != 0) bands = plan_bands(scales, g);
+    for (const Band& band : bands) {
+      const Box box = band_box(g, g.out_size, band.begin, band.end);
+      const int64_t lines = box.lines(), width = box.extent(2);
+      at::Tensor grad_conv = grad_conv_buffer.narrow(0, 0, g.out_channels * box.positions())
+                                 .view(band_shape(g, g.out_channels, box));
+      acc_t* grad_conv_data = grad_conv.data_ptr<acc_t>();
+      // Each output channel is owned by one thread: its bias sum needs no atomics.
+      at::parallel_for(0, g.out_channels, grain(box.positions()), [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          acc_t bias_sum = acc_t(0);
+          for (int64_t line = 0; line < lines; ++line) {
+            const int64_t d = box.depth(line), h = box.height(line), p0 = scales_offset(g, box, line);
+            with_activation(problem.activation, [&](auto act) {
+              bias_sum += scale_output_grad_line<decltype(act)::value>(
+                  gout.line(n, c, d, h) + box.lo[2] * gout.s[4], gout.s[4],
+                  z.data ? z.line(n, c, d, h) + box.lo[2] * z.s[4] : nullptr, z.s[4],
+                  scales.ratio + p0, scales.update + p0, slope,
+                  grad_conv_data + (c * lines + line) * width, width);
+            });
+          }
+          grad_bias_data[c] += bias_sum;
+        }
+      });
+      if (!need_input && !need_weight) continue;
+      const BandInput in = band_input(g, band);
+      // The band's masked input feeds grad_weight; grad_input only needs its shape.
+      at::Tensor band_in;
+      if (need_weight) {
+        band_in = masked_band<scalar_t, acc_t>(x, m, g, n, in.box, buffer);
+      } else {
+        const int64_t elements = g.in_channels * in.box.positions();
+        if (buffer.numel() < elements) buffer = at::empty({elements}, options);
+        band_in = buffer.narrow(0, 0, elements).view(band_shape(g, g.in_channels, in.box));
+      }
+      const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
+          grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
+          no_output_padding, g.groups, {need_input, need_weight, false});
+      if (need_weight) {
+        if (grad_weight_sum.defined())
+          grad_weight_sum.add_(band_grad_weight);
+        else
+          grad_weight_sum = band_grad_weight;
+      }
+      if (need_input) {
+        // Add the band's input indices that lie inside the input.
+        const int64_t first = std::max<int64_t>(in.box.lo[a], 0);
+        const int64_t last = std::min(in.box.hi[a], g.in_size[a]);
+        if (last > first)
+          grad_image.narrow(1, first, last - first)
+              .add_(band_grad_input[0].narrow(1, first - in.box.lo[a], last - first));
+      }
+    }
+    if (need_input) write_masked_grad_input(grad_image.data_ptr<acc_t>(), m, gin, g, n);
+  }
+  if (need_weight) {
+    if (!grad_weight_sum.defined())  // no band: every output position is a hole
+      grad_weight.zero_();
+    else if (grad_weight_sum.scalar_type() == grad_weight.scalar_type() && grad_weight_sum.is_contiguous())
+      grad_weight = grad_weight_sum;  // hand the sum over instead of copying it
+    else
+      grad_weight.copy_(grad_weight_sum);
+  }
+  if (need_bias) grad_bias.copy_(grad_bias_acc);
+}
+
+PCONV_INSTANTIATE_FOR_DTYPES(forward_bands,
+                             (const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const ForwardProblem&, at::Tensor&,
+                              const at::Tensor&))
+PCONV_INSTANTIATE_FOR_DTYPES(backward_bands,
+                             (const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const ForwardProblem&, std::array<bool, 3>, at::Tensor&,
+                              at::Tensor&, at::Tensor&))
+
+}  // namespace cpu
+}  // namespace partialconv

@@ -1,0 +1,134 @@
+// CPU backend of partial_conv (1, 2 and 3 spatial dimensions): checks, the mask scales, the choice
+// between the two paths of paths.h, and the registration with the dispatcher.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "../partial_conv.h"
+#include "mask_scales.h"
+#include "paths.h"
+
+namespace partialconv {
+namespace cpu {
+namespace {
+
+// Below these fractions of output positions with a valid pixel in their window, the packed path
+// (which skips every such position, at a higher cost per position) beats the dense path (which
+// skips only slabs without one). Measured on 2 AMD EPYC cores, float32, enc2 and dec2 of
+// PConvUNet with irregular masks, by `python -m bench.cpu_paths`; see bench/NOTES.md.
+constexpr double kForwardPackedBelowValidFraction = 0.25;
+constexpr double kBackwardPackedBelowValidFraction = 0.3;
+
+enum class CpuPath { kDenseBands, kPackedPositions };
+enum class Pass { kForward, kBackward };
+
+const char* path_name(CpuPath path) {
+  return path == CpuPath::kDenseBands ? "dense bands through ATen's convolution"
+                                      : "packed positions (im2col of valid positions only) and GEMM";
+}
+
+// PARTIALCONV_CPU_PATH=dense or packed forces a path (tests run both); otherwise the valid
+// fraction decides.
+const char* forced_path() {
+  const char* forced = std::getenv("PARTIALCONV_CPU_PATH");
+  if (forced == nullptr || *forced == '\0' || std::string_view(forced) == "auto") return nullptr;
+  TORCH_CHECK_VALUE(std::string_view(forced) == "dense" || std::string_view(forced) == "packed",
+                    "PARTIALCONV_CPU_PATH must be 'auto', 'dense' or 'packed', got '", forced, "'");
+  return forced;
+}
+
+CpuPath choose_path(double valid, Pass pass) {
+  if (const char* forced = forced_path())
+    return std::string_view(forced) == "dense" ? CpuPath::kDenseBands : CpuPath::kPackedPositions;
+  const double threshold =
+      pass == Pass::kForward ? kForwardPackedBelowValidFraction : kBackwardPackedBelowValidFraction;
+  return valid < threshold ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
+}
+
+std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& weight, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ForwardProblem problem = check_forward_args<int64_t>(
+      input, mask, weight, std::nullopt, stride, padding, dilation, groups, "none", 0.0);
+  auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, problem.geometry);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_path_cpu", [&] {
+    compute_mask_scales<scalar_t>(mask.value_or(at::Tensor()), problem.geometry, mask_scales, updated_mask);
+  });
+  const double valid = valid_fraction(mask_scales, problem.geometry);
+  const char* forced = forced_path();
+  return c10::str("cpu: ", path_name(choose_path(valid, Pass::kForward)),
+                  " (backward: ", path_name(choose_path(valid, Pass::kBackward)), "; ",
+                  forced != nullptr
+                      ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
+                      : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; ",
+                                 "the packed path is taken below ", kForwardPackedBelowValidFraction * 100,
+                                 "% forward, ", kBackwardPackedBelowValidFraction * 100, "% backward"),
+                  ")");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    double negative_slope) {
+  const ForwardProblem problem = check_forward_args<int64_t>(
+      input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope);
+  const at::NoGradGuard no_grad;  // the scratch GEMMs below are not part of any autograd graph
+  auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, problem.geometry);
+  const at::Tensor mask_t = mask.value_or(at::Tensor()), bias_t = bias.value_or(at::Tensor());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_forward_cpu", [&] {
+    compute_mask_scales<scalar_t>(mask_t, problem.geometry, mask_scales, updated_mask);
+    if (output.numel() == 0) return;
+    if (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kForward) == CpuPath::kDenseBands)
+      forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
+    else
+      forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
+  });
+  return {output, updated_mask, mask_scales};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& mask,
+    const at::Tensor& weight, const std::optional<at::Tensor>& output,
+    const at::Tensor& mask_scales_in, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
+    double negative_slope, std::array<bool, 3> output_mask) {
+  const ForwardProblem problem =
+      check_backward_args<int64_t>(grad_output, input, mask, weight, output, mask_scales_in,
+                                   stride, padding, dilation, groups, activation, negative_slope);
+  const at::NoGradGuard no_grad;
+  auto [grad_input, grad_weight, grad_bias] = allocate_backward_outputs(input, weight, output_mask);
+  if (problem.geometry.out_channels == 0) {  // no output: every gradient is zero (or empty)
+    if (grad_input.defined()) grad_input.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor mask_t = mask.value_or(at::Tensor()), mask_scales = mask_scales_in.contiguous();
+  const at::Tensor output_t =
+      problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_backward_cpu", [&] {
+    if (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kBackward) == CpuPath::kDenseBands)
+      backward_bands<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
+                               output_mask, grad_input, grad_weight, grad_bias);
+    else
+      backward_packed<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
+                                output_mask, grad_input, grad_weight, grad_bias);
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(partialconv_cuda, CPU, m) {
+  m.impl("partial_conv_forward", TORCH_FN(partial_conv_forward_cpu));
+  m.impl("partial_conv_backward", TORCH_FN(partial_conv_backward_cpu));
+  m.impl("forward_path", TORCH_FN(forward_path_cpu));
+}
+
+}  // namespace cpu
+}  // namespace partialconv
