@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 # The benchmark package (bench/) is not installed; its tests import it from the source tree. It is
 # appended, not prepended, so that `partialconv_cuda` still resolves to the installed package.
@@ -46,18 +47,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def random_mask(kind, n, channels, height, width, *, generator, dtype=torch.float64, hole_ratio=0.4):
-    """A mask of the given kind: None, 'single' (N,1,H,W), 'multi' (N,C,H,W), 'soft' (values in
-    [0, 1] with exact zeros), 'batch1' (1,1,H,W), 'batch1_multi' (1,C,H,W), 'empty' (all holes)."""
+def random_mask(kind, n, channels, *spatial, generator, dtype=torch.float64, hole_ratio=0.4):
+    """A mask of the given kind: None, 'single' (N,1,*spatial), 'multi' (N,C,*spatial), 'soft'
+    (values in [0, 1] with exact zeros), 'batch1' (1,1,*spatial), 'batch1_multi' (1,C,*spatial),
+    'empty' (all holes)."""
     if kind is None:
         return None
     shape = {
-        "single": (n, 1, height, width),
-        "multi": (n, channels, height, width),
-        "soft": (n, 1, height, width),
-        "batch1": (1, 1, height, width),
-        "batch1_multi": (1, channels, height, width),
-        "empty": (n, 1, height, width),
+        "single": (n, 1, *spatial),
+        "multi": (n, channels, *spatial),
+        "soft": (n, 1, *spatial),
+        "batch1": (1, 1, *spatial),
+        "batch1_multi": (1, channels, *spatial),
+        "empty": (n, 1, *spatial),
     }[kind]
     if kind == "empty":
         return torch.zeros(shape, dtype=dtype)
@@ -69,7 +71,8 @@ def random_mask(kind, n, channels, height, width, *, generator, dtype=torch.floa
 
 def random_problem(*, n=2, cin=4, cout=6, size=(9, 11), kernel=(3, 3), groups=1, bias=True,
                    mask="single", dtype=torch.float64, seed=0, hole_ratio=0.4):
-    """(input, mask, weight, bias) on CPU, random (never zeros)."""
+    """(input, mask, weight, bias) on CPU, random (never zeros); len(size) == len(kernel) spatial
+    dimensions."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, cin, *size, generator=generator, dtype=torch.float64).to(dtype)
     w = torch.randn(cout, cin // groups, *kernel, generator=generator, dtype=torch.float64).to(dtype)
@@ -80,3 +83,22 @@ def random_problem(*, n=2, cin=4, cout=6, size=(9, 11), kernel=(3, 3), groups=1,
 
 def to_device(tensors, device):
     return [None if t is None else t.to(device) for t in tensors]
+
+
+def nvidia_formula(layer, x, mask):
+    """NVIDIA's PartialConv2d / PartialConv3d forward (models/partialconv2d.py, partialconv3d.py)
+    written from its formula, for binary masks: a ones-kernel convolution of the mask,
+    ratio = winsize / (S + 1e-8) * U, out = ((conv + b) - b) * ratio + b, times U when there is a
+    bias."""
+    dims = x.dim() - 2
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    ones = torch.ones(1, mask.shape[1], *layer.kernel_size, dtype=x.dtype, device=x.device)
+    update = conv(mask, ones, None, layer.stride, layer.padding, layer.dilation)
+    ratio = ones.numel() / (update + 1e-8)
+    update = update.clamp(0, 1)
+    ratio = ratio * update
+    raw = conv(x * mask, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if layer.bias is None:
+        return raw * ratio
+    b = layer.bias.view(1, -1, *[1] * dims)
+    return ((raw - b) * ratio + b) * update

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import random_problem
-from partialconv_cuda import PartialConv2d, partial_conv2d
+from partialconv_cuda import PartialConv2d, partial_conv1d, partial_conv2d, partial_conv3d
 
 
 def good():
@@ -96,3 +96,56 @@ def test_device_mismatch():
         call(weight=args["weight"].cuda())
     with pytest.raises(ValueError, match="expected mask on the input's device"):
         call(input=args["input"].cuda(), weight=args["weight"].cuda(), bias=args["bias"].cuda())
+
+
+def good_nd(dims):
+    size, kernel = ((12,), (3,)) if dims == 1 else ((5, 6, 7), (3, 3, 3))
+    x, m, w, b = random_problem(n=2, cin=4, cout=6, size=size, kernel=kernel, groups=2, dtype=torch.float32)
+    return dict(input=x, mask=m, weight=w, bias=b, stride=1, padding=1, dilation=1, groups=2)
+
+
+# (dims, changes, error, message): every wrong shape of the 1-D and 3-D functions.
+BAD_ND = [
+    (1, dict(input=torch.randn(2, 4, 3, 12)), ValueError, r"partial_conv1d: expected input to be a 3-D tensor \(N, C, L\)"),
+    (1, dict(weight=torch.randn(6, 2, 3, 3)), ValueError, r"partial_conv1d: expected weight to be a 3-D tensor \(C_out, C_in / groups, kL\)"),
+    (1, dict(mask=torch.ones(2, 1, 1, 12)), ValueError, r"partial_conv1d: expected mask to be a 3-D tensor \(N or 1, 1 or C_in, L\)"),
+    (1, dict(mask=torch.ones(2, 1, 11)), ValueError, r"partial_conv1d: expected mask spatial size 12 \(the input's\), got 11"),
+    (1, dict(mask=torch.ones(2, 3, 12)), ValueError, "expected mask to have 1 channel .* or 4"),
+    (1, dict(stride=(1, 1)), ValueError, r"partial_conv1d: expected stride to have 1 element \(L\), got 2"),
+    (1, dict(padding=(1, 1)), ValueError, "expected padding to have 1 element"),
+    (1, dict(dilation=0), ValueError, "expected dilation to be positive"),
+    (1, dict(weight=torch.randn(6, 2, 15)), ValueError, r"output size would be 0 for input 12, kernel 15"),
+    (1, dict(padding="same", weight=torch.randn(6, 2, 4)), ValueError, "padding='same' with an even"),
+    (3, dict(input=torch.randn(2, 4, 6, 7)), ValueError, r"partial_conv3d: expected input to be a 5-D tensor \(N, C, D, H, W\)"),
+    (3, dict(weight=torch.randn(6, 2, 3, 3)), ValueError, r"partial_conv3d: expected weight to be a 5-D tensor \(C_out, C_in / groups, kD, kH, kW\)"),
+    (3, dict(mask=torch.ones(2, 1, 6, 7)), ValueError, r"partial_conv3d: expected mask to be a 5-D tensor \(N or 1, 1 or C_in, D, H, W\)"),
+    (3, dict(mask=torch.ones(2, 1, 5, 6, 8)), ValueError, r"expected mask spatial size 5x6x7 \(the input's\), got 5x6x8"),
+    (3, dict(mask=torch.ones(3, 1, 5, 6, 7)), ValueError, "expected mask batch size 1 or 2"),
+    (3, dict(mask=torch.ones(2, 1, 5, 6, 7, dtype=torch.float64)), TypeError, "expected mask to have the input's dtype"),
+    (3, dict(bias=torch.randn(7)), ValueError, r"expected bias of shape \[6\]"),
+    (3, dict(weight=torch.randn(6, 4, 3, 3, 3)), ValueError, "expected weight.size.1. to be input channels / groups = 2"),
+    (3, dict(groups=3), ValueError, r"input channels \(4\) to be divisible by groups \(3\)"),
+    (3, dict(stride=(1, 2)), ValueError, r"expected stride to have 3 elements \(D, H, W\), got 2"),
+    (3, dict(stride=(1, 0, 1)), ValueError, "expected stride to be positive"),
+    (3, dict(padding=(0, -1, 0)), ValueError, "expected padding to be non-negative"),
+    (3, dict(padding=0, weight=torch.randn(6, 2, 6, 3, 3)), ValueError, r"output size would be 0x4x5 for input 5x6x7, kernel 6x3x3"),
+    (3, dict(padding="same", stride=(1, 2, 1)), ValueError, "padding='same' needs stride 1"),
+    (3, dict(activation="tanh"), ValueError, "partial_conv3d: expected activation to be None, 'relu' or 'leaky_relu'"),
+]
+
+
+@pytest.mark.parametrize("dims, changes, error, message", BAD_ND, ids=[f"{d}d-{m}" for d, _, _, m in BAD_ND])
+def test_bad_argument_1d_and_3d(dims, changes, error, message):
+    args = dict(good_nd(dims), **changes)
+    function = partial_conv1d if dims == 1 else partial_conv3d
+    function(**good_nd(dims))
+    with pytest.raises(error, match=message):
+        function(**args)
+
+
+@pytest.mark.parametrize("rank", [2, 6])
+def test_op_takes_one_to_three_spatial_dimensions(rank):
+    x = torch.randn(*(2,) * rank)
+    with pytest.raises(ValueError, match=r"partial_conv: expected input to be a 3-D, 4-D or 5-D tensor .* got a "
+                       f"{rank}-D tensor"):
+        torch.ops.partialconv_cuda.partial_conv_forward(x, None, x, None, [1], [0], [1], 1, "none", 0.0)

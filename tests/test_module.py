@@ -1,28 +1,10 @@
 """PartialConv2d as a drop-in for NVIDIA's layer and nn.Conv2d."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from conftest import random_problem, to_device
+from conftest import nvidia_formula, random_problem, to_device
 from partialconv_cuda import PartialConv2d, partial_conv_reference
-
-
-def nvidia_formula(layer, x, mask):
-    """NVIDIA's PartialConv2d forward written from its formula (binary masks): a ones-kernel
-    convolution of the mask, ratio = winsize / (S + 1e-8) * U, out = ((conv + b) - b) * ratio + b,
-    times U when there is a bias."""
-    kh, kw = layer.kernel_size
-    ones = torch.ones(1, mask.shape[1], kh, kw, dtype=x.dtype, device=x.device)
-    update = F.conv2d(mask, ones, None, layer.stride, layer.padding, layer.dilation)
-    ratio = mask.shape[1] * kh * kw / (update + 1e-8)
-    update = update.clamp(0, 1)
-    ratio = ratio * update
-    raw = F.conv2d(x * mask, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    if layer.bias is None:
-        return raw * ratio
-    b = layer.bias.view(1, -1, 1, 1)
-    return ((raw - b) * ratio + b) * update
 
 
 @pytest.mark.parametrize("multi_channel", [False, True])
