@@ -35,8 +35,10 @@ MAX_NON_MMA_PER_MMA = 4.0
 MAX_NARROW_GLOBAL_LOADS = 2  # global loads narrower than 16 bytes (say, a mask value)
 REQUIRED_BARRIERS = 1
 
-# Demangled names keep this many levels of template arguments; deeper ones print as "...".
+# Kernel names in the table keep this many levels of template arguments (deeper ones print as
+# "...") and at most this many characters; the JSON keeps the whole name.
 NAME_TEMPLATE_DEPTH = 3
+NAME_CHARS = 150
 
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P(?:T|\d+)\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 _HEX_TARGET = re.compile(r"\b0x([0-9a-f]+)\s*$")
@@ -258,17 +260,21 @@ def find_library():
 
 
 def demangle(names):
-    """{mangled: demangled} through c++filt; names stay mangled without it."""
-    cxxfilt = shutil.which("c++filt")
-    if not cxxfilt or not names:
-        return {name: name for name in names}
-    result = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True, check=True)
-    return dict(zip(names, result.stdout.splitlines()))
+    """{mangled: demangled} through c++filt, then llvm-cxxfilt for what c++filt leaves mangled (it
+    gives up on some CUTLASS kernels); names stay mangled without either."""
+    demangled = {name: name for name in names}
+    for tool in ("c++filt", "llvm-cxxfilt"):
+        pending = [name for name in names if demangled[name] == name]
+        if pending and shutil.which(tool):
+            result = subprocess.run([tool], input="\n".join(pending), capture_output=True, text=True)
+            if result.returncode == 0:
+                demangled.update(zip(pending, result.stdout.splitlines()))
+    return demangled
 
 
 def short_name(demangled):
     """`void ns::kernel<ns::A<B<C<D>>>>(args)` -> `kernel<A<B<C<...>>>>`: no return type, parameter
-    list or namespaces, template arguments NAME_TEMPLATE_DEPTH levels deep."""
+    list or namespaces, template arguments NAME_TEMPLATE_DEPTH levels deep, NAME_CHARS at most."""
     name, depth = demangled.replace("(anonymous namespace)::", ""), 0
     for i, char in enumerate(name):
         depth += (char == "<") - (char == ">")
@@ -285,7 +291,8 @@ def short_name(demangled):
             depth += 1
             if depth == NAME_TEMPLATE_DEPTH + 1:
                 kept.append("...")
-    return re.sub(r"\s+>", ">", "".join(kept))
+    name = re.sub(r"\s+>", ">", "".join(kept))
+    return name if len(name) <= NAME_CHARS else name[:NAME_CHARS - 3] + "..."
 
 
 def analyse(library, cuobjdump, kernel_pattern=None):
