@@ -7,8 +7,9 @@ backward branch: a BRA (predicated or not) to an earlier address of the same fun
 the instructions from the target to the branch. Counts are static: each instruction in the body
 counts once, whether or not a given iteration runs it.
 
---check holds every tensor-core kernel to the project's target for its main loop (the constants
-below) and exits non-zero listing each kernel and architecture that misses it.
+--check holds every tensor-core kernel to the project's target for its main loop (the constants at
+the top of bench/sass.py) and exits 1 listing each kernel and architecture that misses it (2 when
+no tensor-core kernel matched).
 """
 import argparse
 import collections
