@@ -41,6 +41,18 @@ def test_kernels_have_no_data_races_under_tsan(tmp_path):
         ("return-before-shuffle", "only 16 of 32 lanes of the warp reached a warp intrinsic"),
         ("shuffle-in-partial-warp", "__shfl_down_sync() used in a partial warp of 16 lanes"),
         ("oversized-block", "launch: block (1025, 1, 1) is invalid"),
+        ("syncthreads-at-different-sites",
+         "__syncthreads() at different call sites: thread 0 in __syncthreads() at selftest.cpp:"),
+        ("shuffle-at-different-sites",
+         "warp collective at different call sites: lane 0 in __shfl_xor_sync() at selftest.cpp:"),
+        ("syncwarp-against-shuffle",
+         "warp collective at different call sites: lane 0 in __syncwarp() at selftest.cpp:"),
+        ("dynamic-shared-above-48k",
+         "launch: 49168 bytes of dynamic shared memory, but the kernel allows 49152; above 48 KB"),
+        ("dynamic-shared-above-attribute",
+         "launch: 81920 bytes of dynamic shared memory, but the kernel allows 65536"),
+        ("dynamic-shared-above-sm80-limit",
+         "launch: 166928 bytes of dynamic shared memory exceed the sm_80 limit of 166912 bytes"),
     ],
 )
 def test_kernel_misuse_aborts_with_a_message(asan_ubsan_selftest, misuse, message):
