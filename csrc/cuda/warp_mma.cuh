@@ -191,28 +191,28 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices],
 #endif
 }
 
-__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x1(
+    uint32_t (&r)[1], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<1, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x2(
+    uint32_t (&r)[2], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<2, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x4(
+    uint32_t (&r)[4], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<4, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x1_trans(
+    uint32_t (&r)[1], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<1, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x2_trans(
+    uint32_t (&r)[2], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<2, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4],
-                                                 const void* row_address PCONV_CALL_SITE_PARAMETER) {
+__device__ __forceinline__ void ldmatrix_x4_trans(
+    uint32_t (&r)[4], const void* row_address PCONV_CALL_SITE_PARAMETER) {
   ldmatrix<4, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
 

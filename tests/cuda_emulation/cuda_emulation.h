@@ -312,8 +312,9 @@ inline Settings settings_from_environment() {
   }
   if (const char* value = std::getenv("PCONV_EMULATION_BANK_CONFLICTS"); value && *value) {
     constexpr const char* names[] = {"off", "count", "report", "fail"};
-    const auto found = std::find_if(std::begin(names), std::end(names),
-                                    [&](const char* name) { return std::strcmp(name, value) == 0; });
+    const auto found = std::find_if(std::begin(names), std::end(names), [&](const char* name) {
+      return std::strcmp(name, value) == 0;
+    });
     if (found == std::end(names)) {
       fail("PCONV_EMULATION_BANK_CONFLICTS=%s: expected off, count, report or fail", value);
     }

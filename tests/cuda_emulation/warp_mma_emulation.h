@@ -7,7 +7,8 @@
 // computes its own result from what the warp published, the warp meets again. Every function
 // takes its caller's call site as a defaulted last parameter (warp_mma.cuh passes its own
 // callers' on); ldmatrix, cp_async and the shared loads and stores log their shared-memory
-// addresses for the bank-conflict counts (rule 9 of cuda_emulation.h). The fragment layouts are those of the PTX ISA (ISA 9.0 section numbers:
+// addresses for the bank-conflict counts (rule 9 of cuda_emulation.h). The fragment layouts are
+// those of the PTX ISA (ISA 9.0 section numbers:
 // 9.7.14.5.x "Matrix Fragments for mma..." and 9.7.14.5.15 "ldmatrix"), written as the ISA writes
 // them: a layout maps (lane, element i) to (row, col) of the matrix, with
 //   groupID = lane >> 2,  threadID_in_group = lane % 4.
@@ -325,8 +326,8 @@ inline void cp_async(void* shared, const void* global, std::size_t bytes, std::s
   }
   if (reinterpret_cast<std::uintptr_t>(shared) % bytes != 0 ||
       (source_bytes != 0 && reinterpret_cast<std::uintptr_t>(global) % bytes != 0)) {
-    detail::fail("cp_async(): a %zu-byte copy from %p to %p needs both addresses %zu-byte aligned",
-                 bytes, global, shared, bytes);
+    detail::fail("cp_async(): a copy of %zu bytes from %p to %p needs both addresses %zu-byte "
+                 "aligned", bytes, global, shared, bytes);
   }
   detail::log_shared_access(SharedAccessKind::cp_async, shared, bytes, site);
   detail::this_thread_async_copies.issue(shared, global, bytes, source_bytes);
