@@ -251,6 +251,11 @@ namespace detail {
   std::abort();
 }
 
+// The emulator's own bookkeeping, compiled once per test: emitted out of line, and without the
+// ASan/UBSan checks, which multiply its code (and the compile time of every emulated test) while
+// checking no kernel code. TSan still sees it.
+#define PCONV_EMULATOR_BOOKKEEPING [[gnu::noinline, gnu::no_sanitize("address,undefined")]]
+
 inline const char* base_name(const char* path) {
   const char* slash = std::strrchr(path, '/');
   return slash != nullptr ? slash + 1 : path;
@@ -290,7 +295,7 @@ inline const Architecture* find_architecture(int sm) {
   return nullptr;
 }
 
-inline Settings settings_from_environment() {
+PCONV_EMULATOR_BOOKKEEPING inline Settings settings_from_environment() {
   Settings settings;
   if (const char* value = std::getenv("PCONV_EMULATION_CP_ASYNC"); value && *value) {
     if (std::strcmp(value, "issue") == 0) {
@@ -312,13 +317,12 @@ inline Settings settings_from_environment() {
   }
   if (const char* value = std::getenv("PCONV_EMULATION_BANK_CONFLICTS"); value && *value) {
     constexpr const char* names[] = {"off", "count", "report", "fail"};
-    const auto found = std::find_if(std::begin(names), std::end(names), [&](const char* name) {
-      return std::strcmp(name, value) == 0;
-    });
-    if (found == std::end(names)) {
+    int found = 0;
+    while (found < 4 && std::strcmp(names[found], value) != 0) ++found;
+    if (found == 4) {
       fail("PCONV_EMULATION_BANK_CONFLICTS=%s: expected off, count, report or fail", value);
     }
-    settings.bank_conflicts = BankConflictPolicy(found - std::begin(names));
+    settings.bank_conflicts = BankConflictPolicy(found);
   }
   if (const char* value = std::getenv("PCONV_EMULATION_ARCH"); value && *value) {
     const char* digits = std::strncmp(value, "sm_", 3) == 0 ? value + 3 : value;
@@ -387,7 +391,7 @@ class SyncGroup {
     SyncGroup* group;
     void operator()() const noexcept { group->check_phase(); }
   };
-  void check_phase() noexcept {
+  PCONV_EMULATOR_BOOKKEEPING void check_phase() noexcept {
     const unsigned int arrived = arrived_.exchange(0, std::memory_order_relaxed);
     if (arrived == 0) return;  // the last members left
     if (arrived != members_) {
@@ -462,14 +466,15 @@ inline const char* kind_name(SharedAccessKind kind) {
 }
 
 // The wavefronts one phase of a warp instruction takes: the most distinct 4-byte words in one
-// bank. A phase touches at most 32 words (32 lanes x 4 bytes, 16 x 8 or 8 x 16).
-inline unsigned int phase_wavefronts(std::uintptr_t* words, unsigned int count) {
-  std::sort(words, words + count);
-  const unsigned int distinct = unsigned(std::unique(words, words + count) - words);
-  std::array<unsigned char, 32> per_bank{};
+// bank. A phase touches at most 32 words (32 lanes x 4 bytes, 16 x 8 or 8 x 16). Plain loops, no
+// <algorithm>: this code is compiled into every emulated test, under the sanitizers.
+inline unsigned int phase_wavefronts(const std::uintptr_t* words, unsigned int count) {
+  unsigned char per_bank[32] = {};
   unsigned int most = 0;
-  for (unsigned int i = 0; i < distinct; ++i) {
-    most = std::max(most, unsigned(++per_bank[words[i] % 32]));
+  for (unsigned int i = 0; i < count; ++i) {
+    bool seen = false;
+    for (unsigned int j = 0; j < i && !seen; ++j) seen = words[j] == words[i];
+    if (!seen && ++per_bank[words[i] % 32] > most) most = per_bank[words[i] % 32];
   }
   return most;
 }
@@ -479,25 +484,29 @@ inline unsigned int phase_wavefronts(std::uintptr_t* words, unsigned int count) 
 class SharedAccessCounter {
  public:
   explicit SharedAccessCounter(unsigned int threads) : logs_(threads) {}
+  PCONV_EMULATOR_BOOKKEEPING ~SharedAccessCounter() {}
 
   std::vector<SharedAccess>& log(unsigned int linear_id) { return logs_[linear_id]; }
   const std::vector<SiteCounts>& sites() const { return sites_; }
 
-  void count_logs() {
+  PCONV_EMULATOR_BOOKKEEPING void count_logs() {
     for (unsigned int first = 0; first < logs_.size(); first += warpSize) {
-      count_warp(first, std::min<unsigned int>(warpSize, unsigned(logs_.size()) - first));
+      const unsigned int threads = unsigned(logs_.size());
+      count_warp(first, threads - first < unsigned(warpSize) ? threads - first : warpSize);
     }
   }
 
  private:
-  // A warp instruction: the `occurrence`-th execution of call site `site` by a lane.
+  // One lane's part in a warp instruction: the `occurrence`-th execution of call site `site`.
   struct Keyed {
     std::uint32_t site, occurrence, lane;
     std::uintptr_t address;
-    bool operator<(const Keyed& other) const {
-      return std::tie(site, occurrence, lane) < std::tie(other.site, other.occurrence, other.lane);
-    }
   };
+
+  static void zeroed(std::vector<std::uint32_t>& values, std::size_t size) {
+    values.resize(size);
+    for (std::uint32_t& value : values) value = 0;
+  }
 
   std::uint32_t site_index(const SharedAccess& access) {
     for (std::uint32_t i = 0; i < sites_.size(); ++i) {
@@ -510,59 +519,74 @@ class SharedAccessCounter {
     return std::uint32_t(sites_.size() - 1);
   }
 
-  void count_warp(unsigned int first_thread, unsigned int lanes) {
+  PCONV_EMULATOR_BOOKKEEPING void count_warp(unsigned int first_thread, unsigned int lanes) {
+    // Number every lane's accesses per call site, lane after lane.
     keyed_.clear();
+    zeroed(slots_, sites_.size());  // per site: 1 + the highest occurrence of any lane
     for (unsigned int lane = 0; lane < lanes; ++lane) {
       std::vector<SharedAccess>& log = logs_[first_thread + lane];
       if (log.empty()) continue;
-      occurrences_.assign(sites_.size(), 0);
-      std::uint32_t last = UINT32_MAX;
+      zeroed(occurrences_, sites_.size());
+      std::uint32_t site = UINT32_MAX;
       for (const SharedAccess& access : log) {
-        const SiteCounts* cached = last != UINT32_MAX ? &sites_[last] : nullptr;
-        if (cached == nullptr || cached->kind != access.kind || cached->bytes != access.bytes ||
-            !same_site(cached->site, access.site)) {
-          last = site_index(access);
-          if (occurrences_.size() < sites_.size()) occurrences_.resize(sites_.size(), 0);
+        if (site == UINT32_MAX || sites_[site].kind != access.kind ||
+            sites_[site].bytes != access.bytes || !same_site(sites_[site].site, access.site)) {
+          site = site_index(access);
+          occurrences_.resize(sites_.size());  // value-initialized: 0
+          slots_.resize(sites_.size());
         }
-        keyed_.push_back({last, occurrences_[last]++, lane, access.address});
+        const std::uint32_t occurrence = occurrences_[site]++;
+        if (occurrence >= slots_[site]) slots_[site] = occurrence + 1;
+        keyed_.push_back({site, occurrence, lane, access.address});
       }
       log.clear();
     }
-    std::sort(keyed_.begin(), keyed_.end());
-    for (std::size_t begin = 0; begin < keyed_.size();) {
-      std::size_t end = begin + 1;
-      while (end < keyed_.size() && keyed_[end].site == keyed_[begin].site &&
-             keyed_[end].occurrence == keyed_[begin].occurrence) {
-        ++end;
+    if (keyed_.empty()) return;
+    // Group them by (site, occurrence) with a counting sort, which keeps the lanes in order.
+    std::uint32_t instructions = 0;
+    for (std::uint32_t& slot : slots_) {
+      const std::uint32_t count = slot;
+      slot = instructions;  // now the first group of the site
+      instructions += count;
+    }
+    zeroed(group_starts_, instructions + 1);
+    for (const Keyed& k : keyed_) ++group_starts_[slots_[k.site] + k.occurrence + 1];
+    for (std::uint32_t g = 0; g < instructions; ++g) group_starts_[g + 1] += group_starts_[g];
+    grouped_.resize(keyed_.size());
+    fill_.resize(instructions);
+    for (std::uint32_t g = 0; g < instructions; ++g) fill_[g] = group_starts_[g];
+    for (const Keyed& k : keyed_) grouped_[fill_[slots_[k.site] + k.occurrence]++] = k;
+    for (std::uint32_t g = 0; g < instructions; ++g) {
+      if (group_starts_[g] < group_starts_[g + 1]) {
+        count_instruction(group_starts_[g], group_starts_[g + 1]);
       }
-      count_instruction(sites_[keyed_[begin].site], begin, end);
-      begin = end;
     }
   }
 
-  // keyed_[begin, end): the lanes of one warp instruction, by lane.
-  void count_instruction(SiteCounts& site, std::size_t begin, std::size_t end) {
+  // grouped_[begin, end): the lanes of one warp instruction, in lane order.
+  PCONV_EMULATOR_BOOKKEEPING void count_instruction(std::uint32_t begin, std::uint32_t end) {
+    SiteCounts& site = sites_[grouped_[begin].site];
     const unsigned int phase_lanes = 128u / site.bytes;
     const unsigned int words_per_access = site.bytes / 4u;
     ++site.counts.instructions;
-    std::array<std::uintptr_t, 32> words;
-    for (std::size_t i = begin; i < end;) {
-      const unsigned int phase = keyed_[i].lane / phase_lanes;
+    std::uintptr_t words[32];
+    for (std::uint32_t i = begin; i < end;) {
+      const unsigned int phase = grouped_[i].lane / phase_lanes;
       unsigned int count = 0;
-      for (; i < end && keyed_[i].lane / phase_lanes == phase; ++i) {
+      for (; i < end && grouped_[i].lane / phase_lanes == phase; ++i) {
         for (unsigned int w = 0; w < words_per_access; ++w) {
-          words[count++] = keyed_[i].address / 4 + w;
+          words[count++] = grouped_[i].address / 4 + w;
         }
       }
-      site.counts.wavefronts += phase_wavefronts(words.data(), count);
+      site.counts.wavefronts += phase_wavefronts(words, count);
       ++site.counts.ideal_wavefronts;
     }
   }
 
   std::vector<std::vector<SharedAccess>> logs_;  // one per thread of the block
   std::vector<SiteCounts> sites_;
-  std::vector<Keyed> keyed_;
-  std::vector<std::uint32_t> occurrences_;
+  std::vector<Keyed> keyed_, grouped_;
+  std::vector<std::uint32_t> occurrences_, slots_, group_starts_, fill_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -616,7 +640,8 @@ inline Registry& registry() {
   return value;
 }
 
-inline void check_dynamic_shared_memory(KernelId kernel, std::size_t bytes) {
+PCONV_EMULATOR_BOOKKEEPING inline void check_dynamic_shared_memory(KernelId kernel,
+                                                                   std::size_t bytes) {
   const Architecture& architecture = settings().architecture;
   if (bytes > architecture.max_shared_bytes_per_block_optin) {
     fail("launch: %zu bytes of dynamic shared memory exceed the sm_%d limit of %u bytes per "
@@ -636,7 +661,7 @@ inline void check_dynamic_shared_memory(KernelId kernel, std::size_t bytes) {
 // The state one launch shares among the threads of its pool.
 class Launch {
  public:
-  Launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes)
+  PCONV_EMULATOR_BOOKKEEPING Launch(dim3 grid, dim3 block, std::size_t dynamic_shared_bytes)
       : grid_(grid),
         block_(block),
         threads_per_block_(block.x * block.y * block.z),
@@ -673,7 +698,7 @@ class Launch {
     static_cast<Launch*>(launch)->shared_accesses_.count_logs();
   }
   // Runs once all threads finished the previous block, before any starts the next.
-  void prepare_block() {
+  PCONV_EMULATOR_BOOKKEEPING void prepare_block() {
     shared_accesses_.count_logs();
     std::memset(dynamic_shared_.get(), 0xCD, dynamic_shared_bytes_);
     block_sync_.start_block(threads_per_block_, kBlockBarrier, count_at_barrier, this);
@@ -900,7 +925,8 @@ T exchange(T value, unsigned int source_lane, const Arrival& arrival) {
 }
 
 // After a launch: the counts into the registry, and the report or abort the policy asks for.
-inline void finish_bank_conflicts(KernelId kernel, const std::vector<SiteCounts>& sites) {
+PCONV_EMULATOR_BOOKKEEPING inline void finish_bank_conflicts(KernelId kernel,
+                                                             const std::vector<SiteCounts>& sites) {
   BankConflicts totals;
   for (const SiteCounts& site : sites) totals.of(site.kind) += site.counts;
   registry().last_launch = totals;
@@ -928,8 +954,9 @@ inline void finish_bank_conflicts(KernelId kernel, const std::vector<SiteCounts>
 }
 
 // Runs `kernel_body` in every thread of every block of the grid, and returns when all are done.
-inline void run_grid(KernelId kernel, dim3 grid, dim3 block, std::size_t dynamic_shared_bytes,
-                     const std::function<void()>& kernel_body) {
+PCONV_EMULATOR_BOOKKEEPING inline void run_grid(KernelId kernel, dim3 grid, dim3 block,
+                                                std::size_t dynamic_shared_bytes,
+                                                const std::function<void()>& kernel_body) {
   check_launch_configuration(grid, block);
   check_dynamic_shared_memory(kernel, dynamic_shared_bytes);
   Launch state(grid, block, dynamic_shared_bytes);
