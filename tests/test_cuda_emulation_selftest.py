@@ -108,6 +108,7 @@ WRONG = "pipeline_selftest: results differ from the reference"
         ("refill-before-barrier", "random", emulation_build.THREAD, RACE),
         ("no-trailing-barrier", "random", emulation_build.THREAD, RACE),
         ("wait-too-few", "random", emulation_build.THREAD, RACE),
+        ("wait-too-few", "random:7", emulation_build.THREAD, RACE),
     ],
 )
 def test_pipeline_race_is_caught(pipeline_selftest, misuse, cp_async, sanitizer, finding):

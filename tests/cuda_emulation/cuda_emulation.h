@@ -67,10 +67,10 @@
 //                       access), or at the covering wait if that comes first. The choices come
 //                       from a generator seeded with (seed, block, thread), so they do not
 //                       depend on thread timing.
-//      A correct kernel gives the same results in every mode. Copies no wait covers are dropped
-//      when the thread finishes its block (nothing may read them). Sizes 4, 8 and 16 bytes, both
-//      addresses aligned to the size; src-size from 0 (zero fill, the source is not read) to the
-//      size (the rest is zero-filled).
+//      A correct kernel gives the same results in every mode. Copies that no wait covered and that
+//      have not landed are dropped when the thread finishes its block (nothing may read them).
+//      Sizes 4, 8 and 16 bytes, both addresses aligned to the size; src-size from 0 (zero fill,
+//      the source is not read) to the size (the rest is zero-filled); anything else aborts.
 //   9. Bank conflicts. ldmatrix and the accesses made through warp_mma.cuh (cp_async,
 //      load_shared_*, store_shared_*) are counted per warp instruction; plain C++ accesses to
 //      shared memory are not seen. A warp instruction is the k-th execution of one call site by
@@ -83,24 +83,28 @@
 //      bank_conflicts(kernel) (all launches of a kernel so far); PCONV_EMULATION_BANK_CONFLICTS
 //      (or set_bank_conflict_policy()) = count (default: count only), report (print every call
 //      site with conflicts to stderr after each launch), fail (report, then abort) or off.
-//      Misaligned addresses (ldmatrix rows and 16-byte accesses to 16 bytes, and so on) abort.
+//      Misaligned addresses abort: ldmatrix rows on 16 bytes, cp.async and the shared loads and
+//      stores on their access size.
 //  10. Shared memory size. A launch aborts if its dynamic shared memory exceeds the emulated
 //      architecture's per-block limit (PCONV_EMULATION_ARCH = sm_80 (default, 166912 bytes),
 //      sm_86 / sm_89 (101376), sm_87 (166912), sm_90 / sm_100 (232448); or set_architecture()),
 //      or exceeds 48 KB (49152 bytes) without cudaFuncSetAttribute(kernel,
 //      cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) for at least that size, as on a GPU.
 //      The host code calls cudaFuncSetAttribute as it does under nvcc; it returns
-//      cudaErrorInvalidValue above the architecture's limit. Static __shared__ memory cannot be
+//      cudaErrorInvalidValue above the architecture's limit, which cudaDeviceGetAttribute(&bytes,
+//      cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) reports. Static __shared__ memory cannot be
 //      measured here (rule 4): only the dynamic size is checked, as if the kernel had no static
 //      shared memory.
 //  11. Races. The emulator does not track memory itself: shared-memory races within a barrier
 //      interval are found by ThreadSanitizer, so every emulated kernel test must also run under
-//      TSan (tests/emulation_build.py: build(..., THREAD) and run(..., cp_async=...)). Recommended
-//      for kernel tests: every case under ASan/UBSan with PCONV_EMULATION_CP_ASYNC=wait (stale
-//      reads give wrong results), and every case, or at least every kernel variant (stage count,
-//      tile shape, data type), under TSan with random and with issue. The warp collectives order
-//      the memory accesses of a warp's lanes, so a missing __syncwarp() between lanes of one warp
-//      is not a race here.
+//      TSan (tests/emulation_build.py: build_sanitized(), run(..., cp_async=...), and
+//      KERNEL_TEST_RUNS for the runs). Recommended for kernel tests: every case under ASan/UBSan
+//      with PCONV_EMULATION_CP_ASYNC=wait (stale reads give wrong results), and every case, or at
+//      least every kernel variant (stage count, tile shape, data type), under TSan with issue and
+//      with random. tests/cuda_emulation/pipeline_selftest.cpp shows each pipeline bug failing
+//      under these runs, and is the model mainloop for pipelined kernels. The warp collectives
+//      order the memory accesses of a warp's lanes, so a missing __syncwarp() between lanes of one
+//      warp is not a race here.
 #pragma once
 
 #define PCONV_CUDA_EMULATION 1
