@@ -56,8 +56,10 @@ def test_tensor_core_emulation_has_no_data_races_under_tsan(tmp_path):
     ("misuse", "message"),
     [
         ("ldmatrix-misaligned-row", "ldmatrix(): lane 3 gives row address"),
-        ("cp-async-misaligned", "cp_async(): a 16-byte copy from"),
+        ("cp-async-misaligned", "cp_async(): a copy of 16 bytes from"),
         ("mma-in-partial-warp", "mma_m16n8k16_f16() used in a partial warp of 16 lanes"),
+        ("ldmatrix-at-different-sites",
+         "warp collective at different call sites: lane 0 in ldmatrix() at mma_selftest.cpp:"),
     ],
 )
 def test_tensor_core_misuse_aborts_with_a_message(asan_ubsan_selftest, misuse, message):

@@ -1,5 +1,6 @@
-// Warp-level tensor-core instructions and asynchronous copies for the CUDA kernels: mma.sync,
-// ldmatrix, cp.async, and cvt.rna.tf32.f32, as small device functions.
+// Warp-level tensor-core instructions, asynchronous copies and shared-memory accesses for the CUDA
+// kernels: mma.sync, ldmatrix, cp.async, cvt.rna.tf32.f32, and ld.shared / st.shared of 32, 64 and
+// 128 bits, as small device functions.
 //
 // Under nvcc each one is inline PTX for sm_80 or newer (a kernel built for an older target must
 // not call them). Under the host emulation (PCONV_CUDA_EMULATION, tests/cuda_emulation/) each one
@@ -7,7 +8,11 @@
 // so a kernel's data movement and fragment bookkeeping can be tested without a GPU.
 //
 // The mma and ldmatrix functions are warp-collective (.sync.aligned): all 32 lanes of the warp
-// call them together, from converged code.
+// call them together, from converged code, at one call site (the emulator checks it: every function
+// here has a defaulted last parameter under the emulation, PCONV_CALL_SITE_PARAMETER, that carries
+// its caller's source location; never pass it). A kernel's hot-loop shared-memory traffic goes
+// through ldmatrix, cp_async and load_shared_* / store_shared_*, which the emulator counts for bank
+// conflicts; plain C++ accesses to shared memory are not counted.
 //
 // Fragment layouts, from the PTX ISA (section numbers of ISA 9.0; later versions renumber them,
 // the titles stay), with
@@ -39,6 +44,7 @@
 //     row-major K x N (16x8) B tile, or ldmatrix_x2 of an N x K (8x16) one, yields the B fragment.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace partialconv {
@@ -47,7 +53,15 @@ namespace cuda {
 // The 16-bit floating-point input formats of mma.m16n8k16.
 enum class Float16Format { f16, bf16 };
 
-#ifndef PCONV_CUDA_EMULATION
+#ifdef PCONV_CUDA_EMULATION
+// The caller's call site, for the emulator's checks (rules 1, 2 and 9 of cuda_emulation.h).
+#define PCONV_CALL_SITE_PARAMETER \
+  , ::cuda_emulation::CallSite call_site = ::cuda_emulation::CallSite::current()
+#define PCONV_CALL_SITE_ARGUMENT , call_site
+#else
+#define PCONV_CALL_SITE_PARAMETER
+#define PCONV_CALL_SITE_ARGUMENT
+
 // Shared-state-space address of a generic pointer into shared memory, as the PTX operands want.
 __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
@@ -83,12 +97,13 @@ __device__ __forceinline__ uint32_t shared_address(const void* pointer) {
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32. d and c may be the same array.
 template <Float16Format kFormat>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4],
-                                             const uint32_t (&b)[2], const float (&c)[4]) {
+                                             const uint32_t (&b)[2],
+                                             const float (&c)[4] PCONV_CALL_SITE_PARAMETER) {
 #ifdef PCONV_CUDA_EMULATION
   if constexpr (kFormat == Float16Format::f16) {
-    cuda_emulation::mma_m16n8k16_f16(d, a, b, c);
+    cuda_emulation::mma_m16n8k16_f16(d, a, b, c, call_site);
   } else {
-    cuda_emulation::mma_m16n8k16_bf16(d, a, b, c);
+    cuda_emulation::mma_m16n8k16_bf16(d, a, b, c, call_site);
   }
 #else
   if constexpr (kFormat == Float16Format::f16) {
@@ -100,13 +115,15 @@ __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[
 }
 
 __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4],
-                                                 const uint32_t (&b)[2], const float (&c)[4]) {
-  mma_m16n8k16<Float16Format::f16>(d, a, b, c);
+                                                 const uint32_t (&b)[2],
+                                                 const float (&c)[4] PCONV_CALL_SITE_PARAMETER) {
+  mma_m16n8k16<Float16Format::f16>(d, a, b, c PCONV_CALL_SITE_ARGUMENT);
 }
 
 __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
-                                                  const uint32_t (&b)[2], const float (&c)[4]) {
-  mma_m16n8k16<Float16Format::bf16>(d, a, b, c);
+                                                  const uint32_t (&b)[2],
+                                                  const float (&c)[4] PCONV_CALL_SITE_PARAMETER) {
+  mma_m16n8k16<Float16Format::bf16>(d, a, b, c PCONV_CALL_SITE_ARGUMENT);
 }
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32. A and B hold fp32 bit patterns of which the
@@ -114,9 +131,10 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t 
 // tf32_from_float to get round-to-nearest instead of the hardware's treatment of the low bits
 // (the emulator truncates them, see warp_mma_emulation.h).
 __device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
-                                                 const uint32_t (&b)[2], const float (&c)[4]) {
+                                                 const uint32_t (&b)[2],
+                                                 const float (&c)[4] PCONV_CALL_SITE_PARAMETER) {
 #ifdef PCONV_CUDA_EMULATION
-  cuda_emulation::mma_m16n8k8_tf32(d, a, b, c);
+  cuda_emulation::mma_m16n8k8_tf32(d, a, b, c, call_site);
 #else
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
@@ -140,9 +158,9 @@ __device__ __forceinline__ uint32_t tf32_from_float(float x) {
 
 // mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 (sm_80 and newer).
 __device__ __forceinline__ void mma_m8n8k4_f64(double (&d)[2], double a, double b,
-                                               const double (&c)[2]) {
+                                               const double (&c)[2] PCONV_CALL_SITE_PARAMETER) {
 #ifdef PCONV_CUDA_EMULATION
-  cuda_emulation::mma_m8n8k4_f64(d, a, b, c);
+  cuda_emulation::mma_m8n8k4_f64(d, a, b, c, call_site);
 #else
   asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%4, %5};\n"
                : "=d"(d[0]), "=d"(d[1])
@@ -151,13 +169,16 @@ __device__ __forceinline__ void mma_m8n8k4_f64(double (&d)[2], double a, double 
 }
 
 // ldmatrix.sync.aligned.m8n8.x<kMatrices>[.trans].shared.b16: each lane passes the shared-memory
-// address of one 16-byte row (only lanes 0 .. 8*kMatrices-1 are read).
+// address of one 16-byte row (only lanes 0 .. 8*kMatrices-1 are read). Each matrix is read in one
+// shared-memory wavefront when its eight rows lie in eight different 16-byte bank groups
+// (address / 16 % 8), e.g. with rows of 128 bytes and the 16-byte chunk index XOR row % 8.
 template <int kMatrices, bool kTransposed>
-__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* row_address) {
+__device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices],
+                                         const void* row_address PCONV_CALL_SITE_PARAMETER) {
   static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4,
                 "ldmatrix loads 1, 2 or 4 matrices");
 #ifdef PCONV_CUDA_EMULATION
-  cuda_emulation::ldmatrix<kMatrices, kTransposed>(r, row_address);
+  cuda_emulation::ldmatrix<kMatrices, kTransposed>(r, row_address, call_site);
 #else
   const uint32_t address = shared_address(row_address);
   if constexpr (kMatrices == 1) {
@@ -170,38 +191,49 @@ __device__ __forceinline__ void ldmatrix(uint32_t (&r)[kMatrices], const void* r
 #endif
 }
 
-__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* row_address) {
-  ldmatrix<1, false>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x1(
+    uint32_t (&r)[1], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<1, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_address) {
-  ldmatrix<2, false>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x2(
+    uint32_t (&r)[2], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<2, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
-  ldmatrix<4, false>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x4(
+    uint32_t (&r)[4], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<4, false>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row_address) {
-  ldmatrix<1, true>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x1_trans(
+    uint32_t (&r)[1], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<1, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row_address) {
-  ldmatrix<2, true>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x2_trans(
+    uint32_t (&r)[2], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<2, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
-  ldmatrix<4, true>(r, row_address);
+__device__ __forceinline__ void ldmatrix_x4_trans(
+    uint32_t (&r)[4], const void* row_address PCONV_CALL_SITE_PARAMETER) {
+  ldmatrix<4, true>(r, row_address PCONV_CALL_SITE_ARGUMENT);
 }
 
-// Copies kBytes (4, 8 or 16) from global to shared memory without passing through registers, or,
-// when !valid, zero-fills them without reading `global` (src-size 0). Both addresses are
-// kBytes-aligned. 16 bytes use cp.async.cg (bypassing L1), 4 and 8 cp.async.ca. The data may be
-// read only after the cp_async_wait that covers its commit group, and by other threads only after
-// a __syncthreads() that follows it. (The emulator writes shared memory at that wait, so a kernel
-// that reads earlier sees stale data in the tests.)
+// Copies kBytes (4, 8 or 16) from global to shared memory without passing through registers:
+// the first `source_bytes` (0 to kBytes) from `global`, zeros for the rest (src-size; with 0,
+// `global` is not read and may be any pointer). Both addresses are kBytes-aligned. 16 bytes use
+// cp.async.cg (bypassing L1), 4 and 8 cp.async.ca. The data may be read only after the
+// cp_async_wait that covers its commit group, and by other threads only after a __syncthreads()
+// that follows it; a stage may be refilled only after a __syncthreads() that follows every
+// thread's last read of it. (The emulator writes shared memory anywhere from the issue to that
+// wait, PCONV_EMULATION_CP_ASYNC, so a kernel that breaks either rule fails its tests.)
 template <int kBytes>
-__device__ __forceinline__ void cp_async(void* shared, const void* global, bool valid) {
+__device__ __forceinline__ void cp_async_zfill(void* shared, const void* global,
+                                               int source_bytes PCONV_CALL_SITE_PARAMETER) {
   static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef PCONV_CUDA_EMULATION
-  cuda_emulation::cp_async(shared, global, kBytes, valid);
+  if (source_bytes < 0) {
+    cuda_emulation::detail::fail("cp_async_zfill(): src-size %d is negative", source_bytes);
+  }
+  cuda_emulation::cp_async(shared, global, kBytes, std::size_t(source_bytes), call_site);
 #else
-  const uint32_t source_bytes = valid ? kBytes : 0;
   if constexpr (kBytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :
@@ -218,14 +250,24 @@ __device__ __forceinline__ void cp_async(void* shared, const void* global, bool 
 #endif
 }
 
-__device__ __forceinline__ void cp_async_4(void* shared, const void* global, bool valid) {
-  cp_async<4>(shared, global, valid);
+// All kBytes from `global` when `valid`, else a zero fill that does not read `global`.
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* shared, const void* global,
+                                         bool valid PCONV_CALL_SITE_PARAMETER) {
+  cp_async_zfill<kBytes>(shared, global, valid ? kBytes : 0 PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void cp_async_8(void* shared, const void* global, bool valid) {
-  cp_async<8>(shared, global, valid);
+
+__device__ __forceinline__ void cp_async_4(void* shared, const void* global,
+                                           bool valid PCONV_CALL_SITE_PARAMETER) {
+  cp_async<4>(shared, global, valid PCONV_CALL_SITE_ARGUMENT);
 }
-__device__ __forceinline__ void cp_async_16(void* shared, const void* global, bool valid) {
-  cp_async<16>(shared, global, valid);
+__device__ __forceinline__ void cp_async_8(void* shared, const void* global,
+                                           bool valid PCONV_CALL_SITE_PARAMETER) {
+  cp_async<8>(shared, global, valid PCONV_CALL_SITE_ARGUMENT);
+}
+__device__ __forceinline__ void cp_async_16(void* shared, const void* global,
+                                            bool valid PCONV_CALL_SITE_PARAMETER) {
+  cp_async<16>(shared, global, valid PCONV_CALL_SITE_ARGUMENT);
 }
 
 // cp.async.commit_group: the cp_async calls since the previous commit form one group.
@@ -249,6 +291,81 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// ld.shared / st.shared of 32, 64 and 128 bits at a naturally aligned shared-memory address.
+// Kernels use them for the shared-memory accesses of their hot loops (ldmatrix and cp_async aside)
+// so that the emulator counts their bank conflicts: per warp instruction, the lanes of a 32-bit
+// access in one phase, of a 64-bit one in two halves of 16, of a 128-bit one in four quarters of 8;
+// a phase is conflict-free when no two of its lanes touch different 4-byte words of one bank
+// (bank = address / 4 % 32). Not warp collectives: any subset of lanes may call them.
+__device__ __forceinline__ uint32_t load_shared_32(const void* address PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  return cuda_emulation::load_shared<uint32_t>(address, "load_shared_32()", call_site);
+#else
+  uint32_t value;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(value) : "r"(shared_address(address)) : "memory");
+  return value;
+#endif
+}
+
+__device__ __forceinline__ uint2 load_shared_64(const void* address PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  return cuda_emulation::load_shared<uint2>(address, "load_shared_64()", call_site);
+#else
+  uint2 value;
+  asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n"
+               : "=r"(value.x), "=r"(value.y)
+               : "r"(shared_address(address))
+               : "memory");
+  return value;
+#endif
+}
+
+__device__ __forceinline__ uint4 load_shared_128(const void* address PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  return cuda_emulation::load_shared<uint4>(address, "load_shared_128()", call_site);
+#else
+  uint4 value;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(value.x), "=r"(value.y), "=r"(value.z), "=r"(value.w)
+               : "r"(shared_address(address))
+               : "memory");
+  return value;
+#endif
+}
+
+__device__ __forceinline__ void store_shared_32(void* address,
+                                                uint32_t value PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  cuda_emulation::store_shared(address, value, "store_shared_32()", call_site);
+#else
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(shared_address(address)), "r"(value) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void store_shared_64(void* address,
+                                                uint2 value PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  cuda_emulation::store_shared(address, value, "store_shared_64()", call_site);
+#else
+  asm volatile("st.shared.v2.b32 [%0], {%1, %2};\n" ::"r"(shared_address(address)), "r"(value.x),
+               "r"(value.y)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void store_shared_128(void* address,
+                                                 uint4 value PCONV_CALL_SITE_PARAMETER) {
+#ifdef PCONV_CUDA_EMULATION
+  cuda_emulation::store_shared(address, value, "store_shared_128()", call_site);
+#else
+  asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(shared_address(address)),
+               "r"(value.x), "r"(value.y), "r"(value.z), "r"(value.w)
+               : "memory");
+#endif
+}
+
+#undef PCONV_CALL_SITE_PARAMETER
+#undef PCONV_CALL_SITE_ARGUMENT
 #ifndef PCONV_CUDA_EMULATION
 #undef PCONV_MMA_M16N8K16_F32
 #undef PCONV_LDMATRIX_X1

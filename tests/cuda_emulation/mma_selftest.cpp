@@ -735,12 +735,16 @@ __global__ void copy_with_cp_async(const unsigned char* source, unsigned char* s
   record(2);
 }
 
+// In the landing mode `wait` (the latest legal moment), whatever PCONV_EMULATION_CP_ASYNC says.
 bool check_cp_async() {
   DeviceVector<unsigned char> source(32 * kLaneBytes);
   for (std::size_t i = 0; i < source.size(); ++i) source[i] = static_cast<unsigned char>(i * 7 + 1);
   std::vector<unsigned char> seen(3 * 32 * kLaneBytes, 0);
+  const cuda_emulation::CpAsyncLanding landing = cuda_emulation::cp_async_landing();
+  cuda_emulation::set_cp_async_landing(cuda_emulation::CpAsyncLanding::at_wait);
   cuda_emulation::launch(copy_with_cp_async, dim3(1), dim3(32), 32 * kLaneBytes, source.data(),
                          seen.data());
+  cuda_emulation::set_cp_async_landing(landing);
   const int landed_bytes[3] = {0, 16, 28};  // per snapshot
   for (int snapshot = 0; snapshot < 3; ++snapshot) {
     for (int lane = 0; lane < 32; ++lane) {
@@ -775,6 +779,18 @@ __global__ void mma_in_block(float* out) {
   out[threadIdx.x] = d[0];
 }
 
+// Half the warp loads from one line, half from another: one ldmatrix on a GPU is one call site.
+__global__ void ldmatrix_per_branch(std::uint32_t* out) {
+  PCONV_DYNAMIC_SHARED(unsigned char, rows);
+  std::uint32_t r[1] = {};
+  if (threadIdx.x < 16) {
+    ldmatrix_x1(r, rows + threadIdx.x % 8 * 16);
+  } else {
+    ldmatrix_x1(r, rows + threadIdx.x % 8 * 16);
+  }
+  out[threadIdx.x] = r[0];
+}
+
 bool launch_misuse(const std::string& name) {
   DeviceVector<unsigned char> bytes(64);
   std::vector<float> out(48);
@@ -782,6 +798,9 @@ bool launch_misuse(const std::string& name) {
     cuda_emulation::launch(ldmatrix_misaligned_row, dim3(1), dim3(32), 32 * 16);
   } else if (name == "cp-async-misaligned") {
     cuda_emulation::launch(cp_async_misaligned, dim3(1), dim3(1), 64, bytes.data());
+  } else if (name == "ldmatrix-at-different-sites") {
+    std::vector<std::uint32_t> registers(32);
+    cuda_emulation::launch(ldmatrix_per_branch, dim3(1), dim3(32), 8 * 16, registers.data());
   } else if (name == "mma-in-partial-warp") {
     cuda_emulation::launch(mma_in_block, dim3(1), dim3(48), 0, out.data());
   } else {

@@ -300,6 +300,43 @@ bool check_dynamic_shared_is_refilled() {
   return std::all_of(aligned.begin(), aligned.end(), [](int a) { return a == 1; });
 }
 
+// Touches the first and last byte of `bytes` of dynamic shared memory.
+__global__ void touch_dynamic_shared(unsigned int bytes, unsigned char* out) {
+  PCONV_DYNAMIC_SHARED(unsigned char, shared);
+  if (threadIdx.x == 0) shared[0] = 1;
+  if (threadIdx.x == 1) shared[bytes - 1] = 2;
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<unsigned char>(shared[0] + shared[bytes - 1]);
+}
+
+// Above 48 KB only after cudaFuncSetAttribute, up to the architecture's limit, which
+// cudaDeviceGetAttribute reports and cudaFuncSetAttribute enforces.
+bool check_dynamic_shared_opt_in() {
+  std::vector<unsigned char> out(2, 0);
+  int sm80_limit = 0, sm90_limit = 0, major = 0;
+  cuda_emulation::set_architecture(80);
+  const bool sm80_ok =
+      cudaDeviceGetAttribute(&sm80_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) ==
+          cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess &&
+      cudaFuncSetAttribute(touch_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           200000) == cudaErrorInvalidValue &&
+      cudaFuncSetAttribute(touch_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           100 * 1024) == cudaSuccess;
+  cuda_emulation::launch(touch_dynamic_shared, dim3(2), dim3(64), 100 * 1024, 100u * 1024,
+                         out.data());
+  cuda_emulation::set_architecture(90);
+  const bool sm90_ok =
+      cudaDeviceGetAttribute(&sm90_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) ==
+          cudaSuccess &&
+      cudaFuncSetAttribute(touch_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           200000) == cudaSuccess;
+  cuda_emulation::launch(touch_dynamic_shared, dim3(1), dim3(64), 200000, 200000u, out.data());
+  cuda_emulation::set_architecture(80);
+  return sm80_ok && sm90_ok && sm80_limit == 166912 && sm90_limit == 232448 && major == 8 &&
+         out[0] == 3 && out[1] == 3;
+}
+
 // Kernel bugs the emulator must turn into an abort with a message, rather than a hang.
 __global__ void return_before_syncthreads() {
   if (threadIdx.x >= 16) return;
@@ -315,6 +352,36 @@ __global__ void shuffle_in_block(int* out) {
   out[threadIdx.x] = __shfl_down_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
 }
 
+// Each branch has its own barrier: on a GPU that hangs or passes by luck.
+__global__ void barrier_per_branch(int* out) {
+  if (threadIdx.x < 32) {
+    out[threadIdx.x] = 1;
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void shuffle_per_branch(int* out) {
+  int value = static_cast<int>(threadIdx.x);
+  if (threadIdx.x < 16) {
+    value = __shfl_xor_sync(0xffffffffu, value, 1);
+  } else {
+    value = __shfl_xor_sync(0xffffffffu, value, 1);
+  }
+  out[threadIdx.x] = value;
+}
+
+__global__ void syncwarp_against_shuffle(int* out) {
+  int value = static_cast<int>(threadIdx.x);
+  if (threadIdx.x < 16) {
+    __syncwarp();
+  } else {
+    value = __shfl_sync(0xffffffffu, value, 0);
+  }
+  out[threadIdx.x] = value;
+}
+
 bool launch_misuse(const std::string& name) {
   std::vector<int> out(1025);
   if (name == "return-before-syncthreads") {
@@ -325,6 +392,29 @@ bool launch_misuse(const std::string& name) {
     cuda_emulation::launch(shuffle_in_block, dim3(1), dim3(48), 0, out.data());
   } else if (name == "oversized-block") {
     cuda_emulation::launch(shuffle_in_block, dim3(1), dim3(1025), 0, out.data());
+  } else if (name == "syncthreads-at-different-sites") {
+    cuda_emulation::launch(barrier_per_branch, dim3(1), dim3(64), 0, out.data());
+  } else if (name == "shuffle-at-different-sites") {
+    cuda_emulation::launch(shuffle_per_branch, dim3(1), dim3(32), 0, out.data());
+  } else if (name == "syncwarp-against-shuffle") {
+    cuda_emulation::launch(syncwarp_against_shuffle, dim3(1), dim3(32), 0, out.data());
+  } else if (name.starts_with("dynamic-shared-")) {
+    // 48 KB + 16 without the attribute; 64 KB allowed, 80 KB used; the sm_80 limit + 16.
+    cuda_emulation::set_architecture(80);
+    std::vector<unsigned char> bytes(1);
+    unsigned int size = 48 * 1024 + 16;
+    if (name == "dynamic-shared-above-attribute") {
+      cudaFuncSetAttribute(touch_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           64 * 1024);
+      size = 80 * 1024;
+    } else if (name == "dynamic-shared-above-sm80-limit") {
+      cudaFuncSetAttribute(touch_dynamic_shared, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           166912);
+      size = 166912 + 16;
+    } else if (name != "dynamic-shared-above-48k") {
+      return false;
+    }
+    cuda_emulation::launch(touch_dynamic_shared, dim3(1), dim3(32), size, size, bytes.data());
   } else {
     return false;
   }
@@ -343,5 +433,7 @@ int main(int argc, char** argv) {
       {"whole-block and whole-warp early returns", check_early_returns},
       {"dynamic shared memory refilled with 0xCD before every block",
        check_dynamic_shared_is_refilled},
+      {"dynamic shared memory above 48 KB after cudaFuncSetAttribute, up to the sm_80/sm_90 limit",
+       check_dynamic_shared_opt_in},
   });
 }

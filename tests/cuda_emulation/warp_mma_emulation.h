@@ -3,8 +3,12 @@
 // includes it; kernels reach it only through warp_mma.cuh.
 //
 // Every collective is one detail::warp_collective step: each lane publishes its registers (or its
-// row address), the warp meets, each lane computes its own result from what the warp published,
-// the warp meets again. The fragment layouts are those of the PTX ISA (ISA 9.0 section numbers:
+// row address), the warp meets (and checks that all lanes came from one call site), each lane
+// computes its own result from what the warp published, the warp meets again. Every function
+// takes its caller's call site as a defaulted last parameter (warp_mma.cuh passes its own
+// callers' on); ldmatrix, cp_async and the shared loads and stores log their shared-memory
+// addresses for the bank-conflict counts (rule 9 of cuda_emulation.h). The fragment layouts are
+// those of the PTX ISA (ISA 9.0 section numbers:
 // 9.7.14.5.x "Matrix Fragments for mma..." and 9.7.14.5.15 "ldmatrix"), written as the ISA writes
 // them: a layout maps (lane, element i) to (row, col) of the matrix, with
 //   groupID = lane >> 2,  threadID_in_group = lane % 4.
@@ -170,7 +174,7 @@ template <typename Layout, typename Accumulator, typename Register, std::size_t 
           std::size_t kBRegisters, typename Decode>
 void mma_sync(Accumulator (&d)[Layout::kCElements], const Register (&a)[kARegisters],
               const Register (&b)[kBRegisters], const Accumulator (&c)[Layout::kCElements],
-              Decode element, const char* caller) {
+              Decode element, const char* caller, CallSite site) {
   warp_for_intrinsic(0xffffffffu, caller);
   struct Operands {
     Register a[kARegisters];
@@ -203,7 +207,7 @@ void mma_sync(Accumulator (&d)[Layout::kCElements], const Register (&a)[kARegist
       sums[i] = sum;
     }
     return sums;
-  });
+  }, Arrival{caller, site});
   std::memcpy(d, result.data(), sizeof d);
 }
 
@@ -218,36 +222,40 @@ inline std::uint16_t packed_half(const std::uint32_t* registers, int i) {
 // mma.sync.aligned.<shape>.row.col, f32 (f64) accumulators.
 
 inline void mma_m16n8k16_f16(float (&d)[4], const std::uint32_t (&a)[4],
-                             const std::uint32_t (&b)[2], const float (&c)[4]) {
+                             const std::uint32_t (&b)[2], const float (&c)[4],
+                             CallSite site = CallSite::current()) {
   detail::mma_sync<detail::M16N8K16>(
       d, a, b, c,
       [](const std::uint32_t* r, int i) { return float_from_half_bits(detail::packed_half(r, i)); },
-      "mma_m16n8k16_f16()");
+      "mma_m16n8k16_f16()", site);
 }
 
 inline void mma_m16n8k16_bf16(float (&d)[4], const std::uint32_t (&a)[4],
-                              const std::uint32_t (&b)[2], const float (&c)[4]) {
+                              const std::uint32_t (&b)[2], const float (&c)[4],
+                              CallSite site = CallSite::current()) {
   detail::mma_sync<detail::M16N8K16>(
       d, a, b, c,
       [](const std::uint32_t* r, int i) {
         return float_from_bfloat16_bits(detail::packed_half(r, i));
       },
-      "mma_m16n8k16_bf16()");
+      "mma_m16n8k16_bf16()", site);
 }
 
 inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4],
-                             const std::uint32_t (&b)[2], const float (&c)[4]) {
+                             const std::uint32_t (&b)[2], const float (&c)[4],
+                             CallSite site = CallSite::current()) {
   detail::mma_sync<detail::M16N8K8>(
       d, a, b, c, [](const std::uint32_t* r, int i) { return float_from_tf32_operand(r[i]); },
-      "mma_m16n8k8_tf32()");
+      "mma_m16n8k8_tf32()", site);
 }
 
-inline void mma_m8n8k4_f64(double (&d)[2], double a, double b, const double (&c)[2]) {
+inline void mma_m8n8k4_f64(double (&d)[2], double a, double b, const double (&c)[2],
+                           CallSite site = CallSite::current()) {
   const double a_register[1] = {a};
   const double b_register[1] = {b};
   detail::mma_sync<detail::M8N8K4>(
       d, a_register, b_register, c, [](const double* r, int i) { return r[i]; },
-      "mma_m8n8k4_f64()");
+      "mma_m8n8k4_f64()", site);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,8 +268,12 @@ inline void mma_m8n8k4_f64(double (&d)[2], double a, double b, const double (&c)
 //   .trans: elements (rows threadID_in_group * 2 + {0, 1}, col groupID), i.e. the matrix is read
 //           column-major, as the mma B operand wants a row-major K x N tile
 // the first of the two in the low half.
+//
+// For the bank-conflict counts each matrix is one phase of eight 16-byte rows: conflict-free when
+// the eight rows lie in eight different 16-byte bank groups (address / 16 % 8).
 template <int kMatrices, bool kTransposed>
-void ldmatrix(std::uint32_t (&r)[kMatrices], const void* row_address) {
+void ldmatrix(std::uint32_t (&r)[kMatrices], const void* row_address,
+              CallSite site = CallSite::current()) {
   static_assert(kMatrices == 1 || kMatrices == 2 || kMatrices == 4,
                 "ldmatrix loads 1, 2 or 4 matrices");
   detail::warp_for_intrinsic(0xffffffffu, "ldmatrix()");
@@ -269,6 +281,9 @@ void ldmatrix(std::uint32_t (&r)[kMatrices], const void* row_address) {
   if (lane < 8u * kMatrices && reinterpret_cast<std::uintptr_t>(row_address) % 16 != 0) {
     detail::fail("ldmatrix(): lane %u gives row address %p, which is not 16-byte aligned", lane,
                  row_address);
+  }
+  if (lane < 8u * kMatrices) {
+    detail::log_shared_access(SharedAccessKind::ldmatrix, row_address, 16, site);
   }
   const int group = detail::group_id(lane);
   const int thread = detail::thread_in_group(lane);
@@ -288,37 +303,77 @@ void ldmatrix(std::uint32_t (&r)[kMatrices], const void* row_address) {
       }
     }
     return registers;
-  });
+  }, detail::Arrival{"ldmatrix()", site});
   std::memcpy(r, loaded.data(), sizeof r);
 }
 
 // ---------------------------------------------------------------------------------------------
-// cp.async.{ca,cg}.shared.global [shared], [global], bytes, src-size: src-size is `bytes` when
-// `valid`, else 0 (the destination is zero-filled and `global` is not read). The copy lands at
-// the cp_async_wait that covers its group (see detail::AsyncCopies).
+// cp.async.{ca,cg}.shared.global [shared], [global], bytes, source_bytes: copies source_bytes
+// (0 to bytes) from `global` and zero-fills the rest; with source_bytes 0, `global` is not read.
+// When the destination is written depends on the landing mode (rule 8 of cuda_emulation.h;
+// detail::AsyncCopies). Not a warp collective: lanes may issue different numbers of copies.
 
-inline void cp_async(void* shared, const void* global, std::size_t bytes, bool valid) {
+inline void cp_async(void* shared, const void* global, std::size_t bytes, std::size_t source_bytes,
+                     CallSite site = CallSite::current()) {
   detail::current_launch("cp_async()");
+  detail::at_instruction();
   if (bytes != 4 && bytes != 8 && bytes != 16) {
     detail::fail("cp_async(): copies 4, 8 or 16 bytes, not %zu", bytes);
   }
-  if (reinterpret_cast<std::uintptr_t>(shared) % bytes != 0 ||
-      (valid && reinterpret_cast<std::uintptr_t>(global) % bytes != 0)) {
-    detail::fail("cp_async(): a %zu-byte copy from %p to %p needs both addresses %zu-byte aligned",
-                 bytes, global, shared, bytes);
+  if (source_bytes > bytes) {
+    detail::fail("cp_async(): src-size %zu is larger than the copy's %zu bytes", source_bytes,
+                 bytes);
   }
-  detail::this_thread_async_copies.issue(shared, valid ? global : nullptr, bytes);
+  if (reinterpret_cast<std::uintptr_t>(shared) % bytes != 0 ||
+      (source_bytes != 0 && reinterpret_cast<std::uintptr_t>(global) % bytes != 0)) {
+    detail::fail("cp_async(): a copy of %zu bytes from %p to %p needs both addresses %zu-byte "
+                 "aligned", bytes, global, shared, bytes);
+  }
+  detail::log_shared_access(SharedAccessKind::cp_async, shared, bytes, site);
+  detail::this_thread_async_copies.issue(shared, global, bytes, source_bytes);
 }
 
 inline void cp_async_commit() {
   detail::current_launch("cp_async_commit()");
+  detail::at_instruction();
   detail::this_thread_async_copies.commit_group();
 }
 
 // cp.async.wait_group: all but the `newest_pending` most recently committed groups have landed.
 inline void cp_async_wait(int newest_pending) {
   detail::current_launch("cp_async_wait()");
+  detail::at_instruction();
   detail::this_thread_async_copies.wait_group(std::size_t(newest_pending));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ld.shared / st.shared of 4, 8 or 16 bytes, naturally aligned, counted for bank conflicts. Not
+// warp collectives.
+
+inline void check_shared_access(const void* address, std::size_t bytes, const char* caller) {
+  detail::current_launch(caller);
+  detail::at_instruction();
+  if (reinterpret_cast<std::uintptr_t>(address) % bytes != 0) {
+    detail::fail("%s: address %p is not %zu-byte aligned", caller, address, bytes);
+  }
+}
+
+template <typename T>
+T load_shared(const void* address, const char* caller, CallSite site) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16);
+  check_shared_access(address, sizeof(T), caller);
+  detail::log_shared_access(SharedAccessKind::load, address, sizeof(T), site);
+  T value;
+  std::memcpy(&value, address, sizeof(T));
+  return value;
+}
+
+template <typename T>
+void store_shared(void* address, const T& value, const char* caller, CallSite site) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8 || sizeof(T) == 16);
+  check_shared_access(address, sizeof(T), caller);
+  detail::log_shared_access(SharedAccessKind::store, address, sizeof(T), site);
+  std::memcpy(address, &value, sizeof(T));
 }
 
 }  // namespace cuda_emulation

@@ -17,6 +17,9 @@ __global__ void __launch_bounds__(32)
   cp_async_commit();
   cp_async_8(row, &rows[lane], valid);
   cp_async_4(row + 4, &rows[lane], !valid);
+  cp_async_zfill<16>(row, &rows[lane], lane % 17);
+  cp_async_zfill<8>(row, &rows[lane], lane % 9);
+  cp_async_zfill<4>(row + 6, &rows[lane], lane % 5);
   cp_async_commit();
   cp_async_wait<1>();
   cp_async_wait<0>();
@@ -38,6 +41,18 @@ __global__ void __launch_bounds__(32)
   mma_m16n8k8_tf32(accumulators, a_tf32, b_tf32, accumulators);
   double accumulators_f64[2] = {0.0, 0.0};
   mma_m8n8k4_f64(accumulators_f64, accumulators[2], accumulators[3], accumulators_f64);
+
+  // Shared loads and stores of 32, 64 and 128 bits, on the rows of other lanes.
+  __syncthreads();
+  const uint4 wide = load_shared_128(&tile[(lane ^ 1) * 8]);
+  const uint2 half_row = load_shared_64(&tile[(lane ^ 2) * 8 + 4]);
+  const uint32_t word = load_shared_32(&tile[(lane ^ 3) * 8 + 2]);
+  __syncthreads();
+  store_shared_128(row, make_uint4(wide.x + word, wide.y, wide.z, wide.w));
+  store_shared_64(row + 4, make_uint2(half_row.x, half_row.y + x2[0]));
+  store_shared_32(row + 2, x4[3]);
+  __syncthreads();
+  accumulators[0] += __uint_as_float(load_shared_32(&tile[(lane ^ 4) * 8]));
 
   for (int i = 0; i < 4; ++i) out[lane * 4 + i] = accumulators[i];
   for (int i = 0; i < 2; ++i) out_f64[lane * 2 + i] = accumulators_f64[i];
