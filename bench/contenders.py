@@ -1,15 +1,29 @@
-"""The contenders: every way of computing one PConvUNet layer that the benchmark compares."""
+"""The contenders: every way of computing one layer that the benchmark compares (PConvUNet's in
+2-D, the video and speech suites' in 3-D and 1-D)."""
 import dataclasses
+import functools
+import importlib.util
+import os
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from partialconv_cuda import partial_conv2d, partial_conv_reference
+from partialconv_cuda import partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
 from partialconv_cuda.models import DECODER_NEGATIVE_SLOPE
 
 SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED = "seed", "nvidia", "conv2d", "ours", "ours_compiled"
-CONTENDERS = (SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED)
+CONV1D, CONV3D, NVIDIA_PC3D = "conv1d", "conv3d", "nvidia_pc3d"
+CONTENDERS = (SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED)  # of the 2-D suites
+PLAIN_CONVS = {1: CONV1D, 2: CONV2D, 3: CONV3D}  # no mask: not checked against the reference
+ALL_CONTENDERS = CONTENDERS + (NVIDIA_PC3D, CONV3D, CONV1D)
+# NVIDIA's PartialConv3d is loaded at run time from a checkout of github.com/NVIDIA/partialconv
+# (or the file itself), never copied into this repository.
+NVIDIA_DIR_ENV = "PARTIALCONV_NVIDIA_DIR"
+NVIDIA_FILE = Path("models") / "partialconv3d.py"
+NVIDIA_MISSING = ("NVIDIA's PartialConv3d not given: pass --nvidia-partialconv DIR (a checkout of "
+                  f"github.com/NVIDIA/partialconv, or its {NVIDIA_FILE.as_posix()}) or set {NVIDIA_DIR_ENV}")
 DESCRIPTIONS = {
     SEED: "the naive layer of the seed notes: a second full C_in->C_out convolution for the mask, "
           "masked_fill steps, a C_in-channel mask",
@@ -18,15 +32,59 @@ DESCRIPTIONS = {
     CONV2D: "plain F.conv2d of the same shape (no mask): the floor without skipping holes",
     OURS: "partialconv_cuda.partial_conv2d",
     OURS_COMPILED: "partialconv_cuda.partial_conv2d under torch.compile(fullgraph=True)",
+    NVIDIA_PC3D: "NVIDIA's own PartialConv3d (models/partialconv3d.py of github.com/NVIDIA/partialconv, "
+                 "loaded from --nvidia-partialconv), given the mask every call (mask_in=), multi_channel=True "
+                 "for the decoder (its multi-channel mask convolution is a full C_in->C_out one), the "
+                 "activation applied after it",
+    CONV3D: "plain F.conv3d of the same shape (no mask): the floor without skipping holes",
+    CONV1D: "plain F.conv1d of the same shape (no mask): the floor without skipping holes",
+}
+# `ours` and `nvidia` in the 1-D and 3-D suites: the same methods in those dimensions.
+SUITE_DESCRIPTIONS = {
+    OURS: "partialconv_cuda.partial_conv1d / partial_conv2d / partial_conv3d",
+    NVIDIA: "NVIDIA-style pure PyTorch (partial_conv_reference, nan_safe=False): one 1-channel mask "
+            "convolution plus elementwise renormalisation; in 1-D this is what NeMo's partial-padding "
+            "PartialConv1d computes (it adds 1e-6 to the window sum, a relative difference below 1e-6)",
 }
 
 
-def activate(output, activation):
+def activate(output, activation, negative_slope=DECODER_NEGATIVE_SLOPE):
     if activation == "relu":
         return F.relu(output)
     if activation == "leaky_relu":
-        return F.leaky_relu(output, DECODER_NEGATIVE_SLOPE)
+        return F.leaky_relu(output, negative_slope)
     return output
+
+
+def nvidia_partialconv3d_file(path):
+    """The file of NVIDIA's PartialConv3d under path: a checkout of NVIDIA/partialconv, its models
+    folder, or the file itself. Raises FileNotFoundError with what to do when there is none."""
+    if not path:
+        raise FileNotFoundError(NVIDIA_MISSING)
+    path = Path(path).expanduser()
+    for candidate in (path, path / NVIDIA_FILE, path / NVIDIA_FILE.name):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise FileNotFoundError(f"NVIDIA's PartialConv3d: no {NVIDIA_FILE.as_posix()} under {path} "
+                            f"(--nvidia-partialconv / {NVIDIA_DIR_ENV})")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_partialconv3d(file):
+    spec = importlib.util.spec_from_file_location("nvidia_partialconv3d", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PartialConv3d
+
+
+def nvidia_partialconv3d(path):
+    """NVIDIA's PartialConv3d class, loaded from the file under path (see nvidia_partialconv3d_file)."""
+    return _load_partialconv3d(nvidia_partialconv3d_file(path))
+
+
+def nvidia_partialconv_path(option=None):
+    """The --nvidia-partialconv option, else $PARTIALCONV_NVIDIA_DIR, else None."""
+    return option or os.environ.get(NVIDIA_DIR_ENV) or None
 
 
 def seed_style_partial_conv2d(input, mask, weight, bias, mask_weight, stride, padding, activation):
@@ -57,10 +115,15 @@ class Contender:
     forward: Callable
 
 
-def make_contenders(workload, names):
-    """The named contenders for one layer workload."""
+def make_contenders(workload, names, nvidia_partialconv=None):
+    """The named contenders for one layer workload (any dimension); nvidia_partialconv: where
+    NVIDIA's PartialConv3d is (for NVIDIA_PC3D)."""
     layer = workload.layer
-    stride, padding, activation = layer.stride, layer.padding, layer.fused_activation
+    conv_arguments = workload.conv_arguments()
+    stride, padding, dilation = conv_arguments["stride"], conv_arguments["padding"], conv_arguments["dilation"]
+    activation, negative_slope = conv_arguments["activation"], conv_arguments["negative_slope"]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[workload.dims]
+    partial_conv = {1: partial_conv1d, 2: partial_conv2d, 3: partial_conv3d}[workload.dims]
 
     def seed_arguments(inputs):
         mask = inputs.mask.expand(-1, layer.in_channels, -1, -1).contiguous()
@@ -71,27 +134,45 @@ def make_contenders(workload, names):
         return seed_style_partial_conv2d(input, mask, weight, bias, mask_weight, stride, padding, activation)
 
     def nvidia(input, mask, weight, bias):
-        return partial_conv_reference(input, mask, weight, bias, stride, padding,
-                                        activation=activation, nan_safe=False)
+        return partial_conv_reference(input, mask, weight, bias, stride, padding, dilation,
+                                      activation=activation, negative_slope=negative_slope, nan_safe=False)
 
-    def conv2d(input, weight, bias):
-        return activate(F.conv2d(input, weight, bias, stride, padding), activation), None
+    def plain(input, weight, bias):
+        return activate(conv(input, weight, bias, stride, padding, dilation), activation, negative_slope), None
 
     def ours(input, mask, weight, bias):
-        return partial_conv2d(input, mask, weight, bias, stride, padding, activation=activation)
+        return partial_conv(input, mask, weight, bias, stride, padding, dilation,
+                            activation=activation, negative_slope=negative_slope)
 
     def partial_arguments(inputs):
         return inputs.input, inputs.mask, inputs.weight, inputs.bias
 
-    def conv2d_arguments(inputs):
+    def plain_arguments(inputs):
         return inputs.input, inputs.weight, inputs.bias
+
+    def nvidia_layer_arguments(inputs):
+        """One NVIDIA PartialConv3d per input set, whose weight and bias are that set's tensors."""
+        module = nvidia_partialconv3d(nvidia_partialconv)(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=stride, padding=padding,
+            dilation=dilation, bias=inputs.bias is not None, multi_channel=layer.multi_channel,
+            return_mask=True)
+        del module.weight, module.bias  # plain attributes from here on, the same tensors as ours get
+        module.weight, module.bias = inputs.weight, inputs.bias
+        # Moved once here rather than in its first call (it moves it when its type differs from the input's).
+        module.weight_maskUpdater = module.weight_maskUpdater.to(inputs.input)
+        return module, inputs.input, inputs.mask
+
+    def nvidia_layer(module, input, mask):
+        output, updated_mask = module(input, mask_in=mask)
+        return activate(output, activation, negative_slope), updated_mask
 
     arguments_and_forward = {
         SEED: (seed_arguments, seed),
         NVIDIA: (partial_arguments, nvidia),
-        CONV2D: (conv2d_arguments, conv2d),
+        PLAIN_CONVS[workload.dims]: (plain_arguments, plain),
         OURS: (partial_arguments, ours),
         OURS_COMPILED: (partial_arguments, ours),
+        NVIDIA_PC3D: (nvidia_layer_arguments, nvidia_layer),
     }
     contenders = []
     for name in names:

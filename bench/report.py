@@ -8,8 +8,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .contenders import CONTENDERS, CONV2D, DESCRIPTIONS, NVIDIA, OURS, OURS_COMPILED, SEED
+from .contenders import (CONTENDERS, CONV2D, DESCRIPTIONS, NVIDIA, OURS, OURS_COMPILED, PLAIN_CONVS, SEED,
+                          SUITE_DESCRIPTIONS)
 from .network import NETWORK
+from .suites_nd import SHORTEST, SUITE_CONTENDERS, SUITE_TITLES, VIDEO3D
 from .workloads import HOLE_SWEEP, PAPER_LAYERS, SUITE, layer_workloads
 
 FWD, FWD_BWD, TRAIN_STEP = "fwd", "fwd+bwd", "train_step"
@@ -55,6 +57,30 @@ def speedups(run):
     return summary
 
 
+def suite_contenders(run, kind):
+    """The contenders of a 1-D or 3-D suite that this run selected, in the suite's order."""
+    return [c for c in SUITE_CONTENDERS[kind] if c in run["settings"]["contenders"]]
+
+
+def suite_ratios(contenders):
+    """layer_table's ratio columns for a suite: ours against each other contender."""
+    return tuple((f"ours / {c}", OURS, c) if c in PLAIN_CONVS.values() else (f"ours vs {c}", c, OURS)
+                 for c in contenders if c != OURS)
+
+
+def suite_speedups(run):
+    """Geometric means over each 1-D or 3-D suite's layers of ours' speedup over each of its other
+    contenders: {(suite, dtype, pass): {contender: speedup}}."""
+    summary = {}
+    for (workload, dtype, pass_), rows in index_records(run["results"]).items():
+        if workload in SUITE_CONTENDERS:
+            summary[workload, dtype, pass_] = {
+                other: geometric_mean([speedup(row.get(other), row.get(OURS)) for row in rows.values()])
+                for other in suite_contenders(run, workload) if other != OURS
+            }
+    return summary
+
+
 def _time_cell(record, footnotes):
     if record is None:
         return "–"
@@ -91,6 +117,8 @@ def _footnote_lines(footnotes):
 
 
 def _shape(record):
+    if "shape" in record:  # the 1-D and 3-D suites say it themselves
+        return record["shape"]
     layer = next(layer for layer in PAPER_LAYERS if layer.name == record["layer"])
     mask = f", {layer.in_channels}-ch mask" if layer.multi_channel else ""
     return (f"{layer.in_channels}→{layer.out_channels} {layer.kernel_size}×{layer.kernel_size}/{layer.stride} "
@@ -113,33 +141,33 @@ def _over_floor(by_contender):
     return record["median_ms"] / floor if ok(record) and floor else None
 
 
-def layer_table(rows, contenders):
+def layer_table(rows, contenders, ratios=RATIOS):
     """Side-by-side times of the contenders for each (layer, holes) row, with ours' ratios and the
     roofline floor; for several rows, their sums and the geometric means of the ratios."""
     footnotes = []
     floors = any(_floor_ms(by_contender) is not None for by_contender in rows.values())
-    header = (["layer", "shape", "GMAC", "holes"] + [f"{c} ms" for c in contenders] + [t for t, _, _ in RATIOS]
+    header = (["layer", "shape", "GMAC", "holes"] + [f"{c} ms" for c in contenders] + [t for t, _, _ in ratios]
               + (["floor ms", "ours / floor"] if floors else []))
     lines = []
     for by_contender in rows.values():
         first = next(iter(by_contender.values()))
         lines.append([first["layer"], _shape(first), _number(first["gmac"]), f"{first['layer_holes']:.0%}"]
                      + [_time_cell(by_contender.get(c), footnotes) for c in contenders]
-                     + [_ratio(speedup(by_contender.get(a), by_contender.get(b))) for _, a, b in RATIOS]
+                     + [_ratio(speedup(by_contender.get(a), by_contender.get(b))) for _, a, b in ratios]
                      + ([_number(_floor_ms(by_contender)), _ratio(_over_floor(by_contender))] if floors else []))
     if len(rows) > 1:
         totals = {}
-        for contender in set(contenders) | {c for _, a, b in RATIOS for c in (a, b)}:
+        for contender in set(contenders) | {c for _, a, b in ratios for c in (a, b)}:
             records = [by_contender.get(contender) for by_contender in rows.values()]
             totals[contender] = sum(r["median_ms"] for r in records) if all(map(ok, records)) else None
         gmac = sum(next(iter(by_contender.values()))["gmac"] for by_contender in rows.values())
         row_floors = [_floor_ms(by_contender) for by_contender in rows.values()]
         floor_total = sum(row_floors) if floors and None not in row_floors else None
         lines.append(["**sum of the rows**", "", _number(gmac), ""] + [_number(totals[c]) for c in contenders]
-                     + [_ratio(totals[a] / totals[b] if totals[a] and totals[b] else None) for _, a, b in RATIOS]
+                     + [_ratio(totals[a] / totals[b] if totals[a] and totals[b] else None) for _, a, b in ratios]
                      + ([_number(floor_total), _ratio(totals[OURS] / floor_total if totals[OURS] and floor_total
                                                       else None)] if floors else []))
-        means = [geometric_mean([speedup(r.get(a), r.get(b)) for r in rows.values()]) for _, a, b in RATIOS]
+        means = [geometric_mean([speedup(r.get(a), r.get(b)) for r in rows.values()]) for _, a, b in ratios]
         lines.append(["**geometric mean**", "", "", ""] + [""] * len(contenders) + [_ratio(m) for m in means]
                      + (["", _ratio(geometric_mean([_over_floor(r) for r in rows.values()]))] if floors else []))
     return "\n".join([_table(header, lines, ["---", "---"] + ["---:"] * (len(header) - 2))]
@@ -209,13 +237,25 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
     lines += [f"- {note}" for note in run["notes"]]
     lines += [f"- roofline peaks for {dtype}: {peaks['tflops']:.3g} TFLOP/s, {peaks['gbps']:.3g} GB/s ({peaks['how']})"
               for dtype, peaks in (run.get("peaks") or {}).items()]
-    lines += ["", "## Speedups of ours (geometric mean over the layer suite)", ""]
     summary = speedups(run)
-    lines.append(_table(["dtype", "pass"] + [f"vs {c}" for c in (SEED, NVIDIA, CONV2D, OURS_COMPILED)], [
-        [dtype, PASS_TITLES[pass_]] + [_ratio(values[c]) for c in (SEED, NVIDIA, CONV2D, OURS_COMPILED)]
-        for (dtype, pass_), values in summary.items()
-    ], ["---", "---", "---:", "---:", "---:", "---:"]))
-    lines += ["", "\"vs X\" = X's median time / ours (above 1: ours is faster); \"vs conv2d\" below 1 means "
+    suite_summary = suite_speedups(run)
+    if summary or not suite_summary:
+        lines += ["", "## Speedups of ours (geometric mean over the layer suite)", ""]
+        lines.append(_table(["dtype", "pass"] + [f"vs {c}" for c in (SEED, NVIDIA, CONV2D, OURS_COMPILED)], [
+            [dtype, PASS_TITLES[pass_]] + [_ratio(values[c]) for c in (SEED, NVIDIA, CONV2D, OURS_COMPILED)]
+            for (dtype, pass_), values in summary.items()
+        ], ["---", "---", "---:", "---:", "---:", "---:"]))
+    for kind in SUITE_CONTENDERS:
+        means = {key[1:]: values for key, values in suite_summary.items() if key[0] == kind}
+        if not means:
+            continue
+        others = [c for c in suite_contenders(run, kind) if c != OURS]
+        lines += ["", f"## Speedups of ours: {SUITE_TITLES[kind]}, geometric mean over its layers", "",
+                  _table(["dtype", "pass"] + [f"vs {c}" for c in others],
+                         [[dtype, PASS_TITLES[pass_]] + [_ratio(values[c]) for c in others]
+                          for (dtype, pass_), values in means.items()], ["---", "---"] + ["---:"] * len(others))]
+    plain = "conv2d" if not suite_summary else "conv1d/2d/3d"
+    lines += ["", f"\"vs X\" = X's median time / ours (above 1: ours is faster); \"vs {plain}\" below 1 means "
               "ours costs more than a plain convolution of the same shape.", ""]
     index = index_records(run["results"])
     for (workload, dtype, pass_), rows in index.items():
@@ -229,22 +269,34 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
     for (workload, dtype, pass_), rows in index.items():
         if workload == NETWORK:
             lines += [f"## Whole network: PConvUNet training step, {dtype}", "", network_table(rows), ""]
+    for (workload, dtype, pass_), rows in index.items():
+        if workload in SUITE_CONTENDERS:
+            columns = suite_contenders(run, workload)
+            lines += [f"## {SUITE_TITLES[workload]}, {dtype}, {PASS_TITLES[pass_]}", "",
+                      layer_table(rows, columns, suite_ratios(columns)), ""]
     if not details:
         return "\n".join(lines)
     for (workload, dtype, pass_), rows in index.items():
         if workload in (SUITE, HOLE_SWEEP):
             lines += [f"### Throughput and peak memory: {workload}, {dtype}, {PASS_TITLES[pass_]}", "",
                       throughput_table(rows, contenders), ""]
+        elif workload in SUITE_CONTENDERS:
+            lines += [f"### Throughput and peak memory: {workload}, {dtype}, {PASS_TITLES[pass_]}", "",
+                      throughput_table(rows, suite_contenders(run, workload)), ""]
+    # The 2-D suites' definitions, unless this run has only the 1-D and 3-D suites.
+    two_d = not suite_summary or any(workload not in SUITE_CONTENDERS for workload, _, _ in index)
     lines += [
         "## How to read this",
         "",
         "Contenders:",
         "",
-        *[f"- `{c}`: {DESCRIPTIONS[c]}" for c in contenders],
+        *([f"- `{c}`: {DESCRIPTIONS[c]}" for c in contenders] if two_d else []),
+        *_suite_contender_lines(run, suite_summary, two_d),
         "",
-        f"Multiply-adds (GMAC) are C_out · C_in/groups · kh · kw · H_out · W_out · N. The 16 layers of the "
-        f"paper's network total **{total:.2f} GMAC per 512×512 image** (the paper: about 38; "
-        f"mask convolutions, batch norm and upsampling are not counted): {per_layer}.",
+        f"Multiply-adds (GMAC) are C_out · C_in/groups · kh · kw · H_out · W_out · N"
+        + (f". The 16 layers of the paper's network total **{total:.2f} GMAC per 512×512 image** (the paper: "
+           f"about 38; mask convolutions, batch norm and upsampling are not counted): {per_layer}."
+           if two_d else " (with kd · kh · kw in 3-D and kl in 1-D); mask convolutions are not counted."),
         "",
         "- `ms`: median time of one call, ± half the spread between the 20th and 80th percentiles, "
         "relative to the median. Each call gets the next of several input sets (together at least twice "
@@ -268,12 +320,44 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
         "(outputs, saved tensors, workspaces). GPU: torch.cuda.max_memory_allocated. CPU: allocations "
         "of PyTorch's CPU allocator recorded by torch.profiler (memory that oneDNN or other libraries "
         "allocate on their own is not seen).",
-        "- Whole network: one training step (forward, the paper's per-pixel loss L_valid + 6 L_hole, "
-        "backward, Adam) of PConvUNet built from each layer; both start from the same weights, and "
-        "the first step's loss is shown so they can be compared.",
+        *["- Whole network: one training step (forward, the paper's per-pixel loss L_valid + 6 L_hole, "
+          "backward, Adam) of PConvUNet built from each layer; both start from the same weights, and "
+          "the first step's loss is shown so they can be compared."] * two_d,
+        *_suite_definition_lines(run, suite_summary),
         "",
     ]
     return "\n".join(lines)
+
+
+def _suite_contender_lines(run, suite_summary, after_2d):
+    """How to read the 1-D and 3-D suites' contenders (nothing for a run without those suites)."""
+    if not suite_summary:
+        return []
+    kinds = {kind for kind, _, _ in suite_summary}
+    named = [c for kind in SUITE_CONTENDERS if kind in kinds for c in suite_contenders(run, kind)]
+    lines = ["", "In the video and speech suites:", ""] if after_2d else []
+    for c in dict.fromkeys(named):
+        lines.append(f"- `{c}`: {SUITE_DESCRIPTIONS.get(c, DESCRIPTIONS[c])}")
+    return lines
+
+
+def _suite_definition_lines(run, suite_summary):
+    if not suite_summary:
+        return []
+    kinds = {kind for kind, _, _ in suite_summary}
+    lines = []
+    if VIDEO3D in kinds:
+        lines.append("- Video suite: the layers of a 3-D partial-convolution U-Net (encoder stride 1×2×2, "
+                     "decoder stride 1 on the upsampled output concatenated with the skip, one mask channel "
+                     "per input channel), each with the mask it gets inside the network: an irregular 2-D hole "
+                     "mask moving by a seeded few pixels per frame, propagated through the layers (updated mask "
+                     "= max pooling over the window). `holes`: the fraction of the layer's mask that is holes. "
+                     "`frames`, `height`, `width` in the JSON: the layer's input.")
+    if kinds - {VIDEO3D}:
+        lines.append(f"- Speech suite: stride-1 layers of partial-padding TTS models over a batch of padded "
+                     f"sequences with lengths uniform in [{SHORTEST:g} L, L]; the mask is 1 up to each length, "
+                     "the same for every layer. `holes`: the fraction of padding.")
+    return lines
 
 
 def _gpu_settings(run):
@@ -301,11 +385,34 @@ def plot(run, path):
         axis.grid(axis="y", which="major", alpha=0.3)
 
     index = index_records(run["results"])
-    dtypes = list(dict.fromkeys(dtype for _, dtype, _ in index))
+    dtypes = list(dict.fromkeys(dtype for workload, dtype, _ in index if workload not in SUITE_CONTENDERS))
+    suite_rows = list(dict.fromkeys((workload, dtype) for workload, dtype, _ in index
+                                    if workload in SUITE_CONTENDERS))
     others = [c for c in CONTENDERS if c != NVIDIA and c in run["settings"]["contenders"]]
-    colors = dict(zip(others, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    figure, axes = plt.subplots(len(dtypes), 3, figsize=(18, 4.2 * len(dtypes)), squeeze=False,
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = dict(zip(others, palette))
+    colors.update({c: colors.get(CONV2D, palette[1]) for c in PLAIN_CONVS.values() if c != CONV2D})
+    colors.setdefault(OURS, palette[2])
+    colors["nvidia_pc3d"] = "tab:purple"
+    figure, axes = plt.subplots(len(dtypes) + len(suite_rows), 3,
+                                figsize=(18, 4.2 * (len(dtypes) + len(suite_rows))), squeeze=False,
                                 gridspec_kw={"width_ratios": [3, 3, 1.4]})
+    for row, (kind, dtype) in enumerate(suite_rows, len(dtypes)):
+        suite_others = [c for c in suite_contenders(run, kind) if c != NVIDIA]
+        for column, pass_ in enumerate((FWD, FWD_BWD)):
+            axis = axes[row][column]
+            rows = index.get((kind, dtype, pass_), {})
+            width = 0.8 / max(len(suite_others), 1)
+            for i, contender in enumerate(suite_others):
+                values = [speedup(by.get(NVIDIA), by.get(contender)) or float("nan") for by in rows.values()]
+                positions = [x + (i - (len(suite_others) - 1) / 2) * width for x in range(len(values))]
+                axis.bar(positions, values, width, label=contender, color=colors[contender])
+            log_axis(axis)
+            axis.set_xticks(range(len(rows)), [layer for layer, _ in rows], rotation=45)
+            axis.set_ylabel("speedup over NVIDIA-style (= 1)")
+            axis.set_title(f"{SUITE_TITLES[kind]}, {dtype}, {PASS_TITLES[pass_]}", fontsize=10)
+            axis.legend(fontsize=8, ncol=2)
+        axes[row][2].set_visible(False)
     for row, dtype in enumerate(dtypes):
         for column, pass_ in enumerate((FWD, FWD_BWD)):
             axis = axes[row][column]
@@ -331,9 +438,12 @@ def plot(run, path):
         axis.set_xlabel("holes (%)")
         axis.set_title(f"hole sweep: ours over NVIDIA-style, {dtype}", fontsize=10)
         axis.legend(fontsize=8)
-    axes[0][0].legend(fontsize=8, ncol=2)
+    if dtypes:
+        axes[0][0].legend(fontsize=8, ncol=2)
     figure.suptitle(f"Speedup over the NVIDIA-style partial convolution: {run['device']}, {run['date']}")
-    figure.tight_layout()
+    rows = len(dtypes) + len(suite_rows)
+    # Room for the title above the top row (0.4 inch), in a figure that the suites make tall.
+    figure.tight_layout(**({"rect": (0, 0, 1, 1 - 0.4 / (4.2 * rows))} if suite_rows else {}))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -1,7 +1,10 @@
 """python -m bench: times partial convolution side by side (seed-style layer, NVIDIA-style layer,
 plain conv2d, ours, ours under torch.compile) on the PConvUNet layers of Liu et al. 2018, a
-hole-ratio sweep and a whole-network training step, on this machine's GPU or CPU; prints the
-tables and writes JSON, Markdown and a PNG plot to bench/results/."""
+hole-ratio sweep and a whole-network training step (suite unet2d); on the layers of a 3-D
+video-inpainting U-Net with moving holes, against NVIDIA's own PartialConv3d too (suite video3d);
+and on the partial-padding convolutions of speech models over padded sequences (suite speech1d);
+on this machine's GPU or CPU; prints the tables and writes JSON, Markdown and a PNG plot to
+bench/results/."""
 import argparse
 import dataclasses
 import datetime
@@ -19,15 +22,25 @@ import torch
 from partialconv_cuda import partial_conv_reference
 
 from . import THREADS_PINNED
-from .contenders import CONTENDERS, CONV2D, NVIDIA, OURS, OURS_COMPILED, make_contenders
+from .contenders import CONTENDERS as CONTENDERS_2D
+from .contenders import (ALL_CONTENDERS, NVIDIA, NVIDIA_DIR_ENV, NVIDIA_PC3D, OURS, OURS_COMPILED, PLAIN_CONVS,
+                          make_contenders, nvidia_partialconv3d_file, nvidia_partialconv_path)
 from .network import NETWORK, NetworkWorkload, TrainingStep, network_depth
 from .progress import Progress
 from .roofline import floor_ms, measure_peaks
 from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, write_plot
+from .suites_nd import (SPEECH1D, SPEECH_LAYER_NAMES, SUITE_CONTENDERS, VIDEO3D, VIDEO_LAYER_NAMES,
+                        speech_workloads, video_workloads)
 from .timing import Clock, Measurement, Policy, last_level_cache_bytes, rotation_count
 from .workloads import HOLE_SWEEP, LAYER_NAMES, SUITE, MaskBank, layer_workloads, make_inputs
 
 REPO = Path(__file__).resolve().parent.parent
+UNET2D = "unet2d"  # the PConvUNet layer suite, the hole sweep and the network step
+SUITES = (UNET2D, VIDEO3D, SPEECH1D)
+# (batch, frames, side) of the video clips and (batch, length) of the speech batches: on a GPU, on
+# the CPU, in --quick, and on a CPU without native support for a half dtype (see resolve_settings).
+VIDEO_SIZES = {"gpu": (4, 16, 256), "cpu": (1, 8, 128), "quick": (1, 4, 16), "slow_half": (1, 4, 32)}
+SPEECH_SIZES = {"gpu": (16, 2048), "cpu": (4, 2048), "quick": (2, 64), "slow_half": (2, 128)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SWEEP_LAYERS = ("enc2", "dec2")
 SWEEP_HOLES = (0.0, 0.1, 0.3, 0.5, 0.7)
@@ -42,23 +55,44 @@ def parse_args(argv):
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and few repeats: a smoke run (under 2 minutes on a 2-core CPU)")
+    parser.add_argument("--suite", default="all",
+                        help=f"comma-separated suites, or 'all' (default): {', '.join(SUITES)}")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when a GPU is visible)")
     parser.add_argument("--dtype", help="comma-separated: float32,float16,bfloat16 "
                         "(default: all three on a GPU, float32,bfloat16 on the CPU)")
-    parser.add_argument("--batch", type=int, help="images per batch (default: 8 on a GPU, 1 on the CPU)")
-    parser.add_argument("--size", type=int, help="image side in pixels (default: 512 on a GPU, 256 on the CPU; "
-                        "64 for a half dtype on a CPU without native support for it)")
+    parser.add_argument("--batch", type=int, help="unet2d: images per batch (default: 8 on a GPU, 1 on the CPU)")
+    parser.add_argument("--size", type=int, help="unet2d: image side in pixels (default: 512 on a GPU, 256 on the "
+                        "CPU; 64 for a half dtype on a CPU without native support for it)")
+    parser.add_argument("--video-batch", type=int, help="video3d: clips per batch (default: 4 on a GPU, 1 on the CPU)")
+    parser.add_argument("--frames", type=int, help="video3d: frames per clip (default: 16 on a GPU, 8 on the CPU)")
+    parser.add_argument("--video-size", type=int, help="video3d: frame side in pixels (default: 256 on a GPU, 128 "
+                        "on the CPU; 4 frames of 32 for a half dtype on a CPU without native support for it)")
+    parser.add_argument("--video-layers", default="all",
+                        help=f"video3d layers, 'all' or 'none' ({','.join(VIDEO_LAYER_NAMES)})")
+    parser.add_argument("--speech-batch", type=int, help="speech1d: sequences per batch (default: 16 on a GPU, "
+                        "4 on the CPU; 2 for a half dtype on a CPU without native support for it)")
+    parser.add_argument("--length", type=int, help="speech1d: padded length in steps; the sequences' lengths are "
+                        "uniform in [length/2, length] (default 2048; 128 for a half dtype on a CPU without "
+                        "native support for it)")
+    parser.add_argument("--speech-layers", default="all",
+                        help=f"speech1d layers, 'all' or 'none' ({','.join(SPEECH_LAYER_NAMES)})")
+    parser.add_argument("--nvidia-partialconv", metavar="DIR",
+                        help="video3d: a checkout of github.com/NVIDIA/partialconv (or its models/partialconv3d.py) "
+                        f"for the {NVIDIA_PC3D} contender (default: ${NVIDIA_DIR_ENV}); without it that "
+                        "contender is reported as failed")
     parser.add_argument("--holes", type=float, default=0.3,
-                        help="hole fraction of the image masks of the layer suite and the network (default 0.3)")
-    parser.add_argument("--layers", default="all", help=f"comma-separated layers of the suite, 'all' or 'none' "
-                        f"({','.join(LAYER_NAMES)})")
+                        help="hole fraction of the image masks of the layer suite and the network, and of the "
+                        "video suite's moving masks (default 0.3)")
+    parser.add_argument("--layers", default="all", help=f"comma-separated layers of the unet2d suite, 'all' or "
+                        f"'none' ({','.join(LAYER_NAMES)})")
     parser.add_argument("--sweep-layers", default=",".join(SWEEP_LAYERS),
                         help="layers of the hole-ratio sweep, or 'none' (default %(default)s)")
     parser.add_argument("--sweep-holes", default=",".join(map(str, SWEEP_HOLES)),
                         help="hole fractions of the sweep (default %(default)s)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="default %(default)s")
+    parser.add_argument("--contenders", default=",".join(ALL_CONTENDERS),
+                        help="default %(default)s; each suite runs those of them it has")
     parser.add_argument("--passes", default=f"{FWD},{FWD_BWD}", help="default %(default)s")
-    parser.add_argument("--no-network", action="store_true", help="skip the whole-network training step")
+    parser.add_argument("--no-network", action="store_true", help="unet2d: skip the whole-network training step")
     parser.add_argument("--repeats", type=int, help="most timed calls per contender (default: 50 GPU, 10 CPU)")
     parser.add_argument("--min-repeats", type=int, help="fewest timed calls, however slow (default: 10 GPU, 5 CPU)")
     parser.add_argument("--max-time", type=float,
@@ -77,7 +111,7 @@ class Settings:
     device: str
     dtypes: list
     batch: int
-    sizes: dict  # dtype name -> image side
+    sizes: dict  # dtype name -> image side (unet2d)
     holes: float
     layers: list
     sweep_layers: list
@@ -91,6 +125,12 @@ class Settings:
     threads: int
     seed: int
     quick: bool
+    suites: list
+    video: dict  # dtype name -> [batch, frames, side] (video3d)
+    speech: dict  # dtype name -> [batch, length] (speech1d)
+    video_layers: list
+    speech_layers: list
+    nvidia_partialconv: str  # the file of NVIDIA's PartialConv3d; else the path given, or None
 
 
 def _names(text, allowed, what):
@@ -119,6 +159,8 @@ def resolve_settings(args):
         raise SystemExit("python -m bench: --device cuda, but torch sees no CUDA GPU")
     gpu = device == "cuda"
     dtype_names = _names(args.dtype or ("float32,float16,bfloat16" if gpu else "float32,bfloat16"), DTYPES, "dtype")
+    suites = _names(args.suite, SUITES, "suites")
+    unet2d = UNET2D in suites
     if args.quick:
         batch, default_size = args.batch or 1, 16
         policy = Policy(args.warmup or 1, args.min_repeats or 3, args.repeats or 3, args.max_time or 0.2)
@@ -132,23 +174,45 @@ def resolve_settings(args):
         most_input_sets = 16
     if policy.min_repeats < 2 or policy.repeats < policy.min_repeats:
         raise SystemExit("python -m bench: expected 2 <= --min-repeats <= --repeats (a spread needs 2 timings)")
-    sizes = {}
+    sizes, video, speech = {}, {}, {}
+    kind = "quick" if args.quick else "gpu" if gpu else "cpu"
     for name in dtype_names:
         sizes[name] = args.size or default_size
-        if not (gpu or args.size or args.quick or DTYPES[name] == torch.float32 or native_cpu_support(DTYPES[name])):
-            sizes[name] = 64
+        slow_half = not (gpu or args.quick or DTYPES[name] == torch.float32 or native_cpu_support(DTYPES[name]))
+        video_batch, frames, side = VIDEO_SIZES["slow_half" if slow_half else kind]
+        video[name] = [args.video_batch or video_batch, args.frames or frames, args.video_size or side]
+        speech_batch, length = SPEECH_SIZES["slow_half" if slow_half else kind]
+        speech[name] = [args.speech_batch or speech_batch, args.length or length]
+        if slow_half:
+            if not args.size:
+                sizes[name] = 64
+            smaller = ([f"unet2d at {sizes[name]}×{sizes[name]}"] * (unet2d and not args.size)
+                       + [f"video3d at {video[name][1]} frames of {video[name][2]}×{video[name][2]}, batch "
+                          f"{video[name][0]}"] * (VIDEO3D in suites and not (args.frames and args.video_size))
+                       + [f"speech1d at length {speech[name][1]}, batch {speech[name][0]}"]
+                       * (SPEECH1D in suites and not (args.speech_batch and args.length)))
+            if not smaller:
+                continue
             instructions = "AVX-512 BF16 or AMX" if DTYPES[name] == torch.bfloat16 else "AVX-512 FP16 or AMX-FP16"
-            notes.append(f"{name} runs at {sizes[name]}×{sizes[name]}: this CPU has no native {name} support "
-                         f"({instructions}), so PyTorch's own {name} convolution, which the seed, nvidia and conv2d "
-                         "contenders use, falls back to a slow path (here 75-250× slower than float32); at "
-                         f"{default_size}×{default_size} this run would take hours. Ours computes in float32 "
-                         "internally and is not slowed down the same way, so its large lead in this dtype here "
-                         "measures that fallback, not partial convolution")
+            notes.append(f"{name} runs {', '.join(smaller)}: this CPU has no native {name} support "
+                         f"({instructions}), so PyTorch's own {name} convolution, which the seed, nvidia and conv "
+                         "contenders use, falls back to a slow path (here 75-250× slower than float32 in 2-D, "
+                         "more in 1-D and 3-D); at the float32 sizes this run would take hours. Ours computes in "
+                         "float32 internally and is not slowed down the same way, so its large lead in this dtype "
+                         "here measures that fallback, not partial convolution")
     threads = args.threads or torch.get_num_threads()
-    layers = _names(args.layers, LAYER_NAMES, "layers")
+    layers = _names(args.layers, LAYER_NAMES, "layers") if unet2d else []
     compiled_layers = layers
-    contenders = _names(args.contenders, CONTENDERS, "contenders")
-    if args.quick and OURS_COMPILED in contenders:
+    contenders = _names(args.contenders, ALL_CONTENDERS, "contenders")
+    # The file if there is one, else what was given (the contender then fails saying what is missing).
+    nvidia_partialconv = nvidia_partialconv_path(args.nvidia_partialconv)
+    if VIDEO3D in suites and NVIDIA_PC3D in contenders:
+        try:
+            nvidia_partialconv = str(nvidia_partialconv3d_file(nvidia_partialconv))
+            notes.append(f"{NVIDIA_PC3D}: NVIDIA's PartialConv3d from {nvidia_partialconv}")
+        except FileNotFoundError as missing:
+            notes.append(f"{NVIDIA_PC3D} is reported as failed: {missing}")
+    if args.quick and OURS_COMPILED in contenders and unet2d:
         compiled_layers = [name for name in layers if name == QUICK_COMPILED_LAYER]
         notes.append(f"--quick: {OURS_COMPILED} runs on the suite's {QUICK_COMPILED_LAYER} only "
                      f"({'' if compiled_layers else 'not in --layers, so on no layer; '}compiling "
@@ -156,12 +220,16 @@ def resolve_settings(args):
     settings = Settings(
         device=device, dtypes=dtype_names, batch=batch, sizes=sizes, holes=args.holes,
         layers=layers,
-        sweep_layers=_names(args.sweep_layers, LAYER_NAMES, "sweep layers"),
-        sweep_holes=[float(h) for h in args.sweep_holes.split(",")] if args.sweep_holes != "none" else [],
+        sweep_layers=_names(args.sweep_layers, LAYER_NAMES, "sweep layers") if unet2d else [],
+        sweep_holes=[float(h) for h in args.sweep_holes.split(",")] if args.sweep_holes != "none" and unet2d else [],
         contenders=contenders,
         passes=_names(args.passes, (FWD, FWD_BWD), "passes"),
-        network=not args.no_network, policy=policy, most_input_sets=most_input_sets,
+        network=unet2d and not args.no_network, policy=policy, most_input_sets=most_input_sets,
         compiled_layers=compiled_layers, threads=threads, seed=args.seed, quick=args.quick,
+        suites=suites, video=video if VIDEO3D in suites else {}, speech=speech if SPEECH1D in suites else {},
+        video_layers=_names(args.video_layers, VIDEO_LAYER_NAMES, "video layers") if VIDEO3D in suites else [],
+        speech_layers=_names(args.speech_layers, SPEECH_LAYER_NAMES, "speech layers") if SPEECH1D in suites else [],
+        nvidia_partialconv=nvidia_partialconv,
     )
     for name, size in sizes.items():
         depth = network_depth(size, size)
@@ -241,14 +309,25 @@ class Runner:
 
     def workloads(self, dtype_name):
         s = self.settings
-        size = s.sizes[dtype_name]
-        return (layer_workloads(SUITE, s.layers, s.batch, size, size, [s.holes])
-                + layer_workloads(HOLE_SWEEP, s.sweep_layers, s.batch, size, size, s.sweep_holes))
+        workloads = []
+        if UNET2D in s.suites:
+            size = s.sizes[dtype_name]
+            workloads += (layer_workloads(SUITE, s.layers, s.batch, size, size, [s.holes])
+                          + layer_workloads(HOLE_SWEEP, s.sweep_layers, s.batch, size, size, s.sweep_holes))
+        if VIDEO3D in s.suites:
+            workloads += video_workloads(s.video_layers, *s.video[dtype_name], s.holes)
+        if SPEECH1D in s.suites:
+            workloads += speech_workloads(s.speech_layers, *s.speech[dtype_name])
+        return workloads
 
     def contenders(self, workload):
-        """The contenders that run on workload: all, except ours_compiled where --quick skips it."""
+        """The selected contenders that run on workload: in 2-D all of them, except ours_compiled
+        where --quick skips it; in the other suites those that the suite has."""
+        if workload.kind in SUITE_CONTENDERS:
+            return [c for c in SUITE_CONTENDERS[workload.kind] if c in self.settings.contenders]
         compiled = workload.kind == SUITE and workload.layer.name in self.settings.compiled_layers
-        return [c for c in self.settings.contenders if c != OURS_COMPILED or compiled]
+        return [c for c in self.settings.contenders
+                if c in CONTENDERS_2D and (c != OURS_COMPILED or compiled)]
 
     def measurement_count(self):
         s = self.settings
@@ -264,20 +343,20 @@ class Runner:
         inputs = [first] + [make_inputs(workload, self.masks, i, dtype, s.device, backward) for i in range(1, count)]
         reference = partial_conv_reference(
             *(None if t is None else t.detach().double() for t in (first.input, first.mask, first.weight, first.bias)),
-            workload.layer.stride, workload.layer.padding, activation=workload.layer.fused_activation)
+            **workload.conv_arguments())
         base = {
             "workload": workload.kind, "layer": workload.layer.name, "dtype": dtype_name,
             "holes": workload.holes, "layer_holes": self.masks.hole_fraction(workload),
-            "batch": workload.batch, "height": workload.height, "width": workload.width,
-            "image_height": workload.image_height, "image_width": workload.image_width,
+            **workload.record_fields(),
             "gmac": workload.multiply_adds() / 1e9, "input_sets": count,
         }
-        contenders = make_contenders(workload, self.contenders(workload))
+        contenders = make_contenders(workload, self.contenders(workload), s.nvidia_partialconv)
+        plain_conv = PLAIN_CONVS[workload.dims]
         prepared, checks = {}, {}
         for contender in contenders:
             try:
                 arguments = [contender.prepare(x) for x in inputs]
-                checks[contender.name] = None if contender.name == CONV2D else self.check(
+                checks[contender.name] = None if contender.name == plain_conv else self.check(
                     contender, arguments[0], reference, dtype)
                 prepared[contender.name] = (contender, arguments)
             except Exception as failure:  # reported in the table, not raised: one contender may fail
@@ -295,7 +374,7 @@ class Runner:
                               max_rel_err=check if isinstance(check, float) else None,
                               gflop=workload.gflop(pass_ == FWD_BWD))
                 min_bytes = workload.min_bytes(pass_ == FWD_BWD, first.input.element_size(),
-                                               with_mask=contender.name != CONV2D)
+                                               with_mask=contender.name != plain_conv)
                 record["floor_ms"] = floor_ms(record["gflop"], min_bytes, self.peaks[dtype_name])
                 records.append(self.with_outcome(record, outcomes.get(contender.name, check), min_bytes))
             self.progress.advance(len(contenders))

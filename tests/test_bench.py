@@ -30,7 +30,7 @@ def restore_thread_count():
 
 def test_quick_run_measures_every_contender_and_writes_json_markdown_and_plot(tmp_path):
     matplotlib = pytest.importorskip("matplotlib")  # noqa: F841  (CI installs it; the plot is part of the output)
-    run = main(["--quick", "--layers", "enc2,dec1", "--sweep-layers", "enc2", "--sweep-holes", "0,0.5",
+    run = main(["--quick", "--suite", "unet2d", "--layers", "enc2,dec1", "--sweep-layers", "enc2", "--sweep-holes", "0,0.5",
                 "--threads", "1", "--out", str(tmp_path)])
     stem = next(tmp_path.glob("*.json")).stem
     assert stem.startswith("cpu_") and stem.endswith("_quick")
@@ -68,7 +68,7 @@ def test_a_contender_that_cannot_run_is_reported_as_failed(tmp_path, monkeypatch
         raise NotImplementedError("no kernel for this device")
 
     monkeypatch.setattr(bench.contenders, "partial_conv2d", no_kernel)
-    main(["--quick", "--layers", "enc2", "--sweep-layers", "none", "--no-network", "--dtype", "float32",
+    main(["--quick", "--suite", "unet2d", "--layers", "enc2", "--sweep-layers", "none", "--no-network", "--dtype", "float32",
           "--contenders", "nvidia,ours", "--threads", "1", "--no-plot", "--out", str(tmp_path)])
     document = json.loads(next(tmp_path.glob("*.json")).read_text())
     status = {(r["contender"], r["pass"]): (r["status"], r["error"]) for r in document["results"]}
