@@ -452,9 +452,15 @@ class Runner:
         return records
 
 
+def suites_suffix(settings):
+    """'' for a run of every suite; else '_' and the suites it ran, so that runs of single suites
+    on one day do not overwrite each other's files."""
+    return "" if list(settings.suites) == list(SUITES) else "_" + "-".join(settings.suites)
+
+
 def output_stem(settings, device, date):
     kind = "cpu" if settings.device == "cpu" else "".join(c if c.isalnum() else "-" for c in device.lower())
-    return f"{kind}_{date}" + ("_quick" if settings.quick else "")
+    return f"{kind}_{date}" + suites_suffix(settings) + ("_quick" if settings.quick else "")
 
 
 def main(argv=None):
@@ -489,7 +495,7 @@ def main(argv=None):
         "results": records,
     }
     paths = write_results(run, args.out, output_stem(settings, device, now.strftime("%Y-%m-%d")),
-                          latest=None if settings.quick else f"latest_{settings.device}", with_plot=not args.no_plot)
+                          latest=None if settings.quick else f"latest_{settings.device}{suites_suffix(settings)}", with_plot=not args.no_plot)
     print(markdown(run, details=False))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return run

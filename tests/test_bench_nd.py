@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.contenders import NVIDIA_DIR_ENV, NVIDIA_MISSING, nvidia_partialconv3d_file
-from bench.run import main, parse_args, resolve_settings
+from bench.run import main, output_stem, parse_args, resolve_settings
 from bench.suites_nd import (SPEECH1D, SPEECH_LAYERS, SUITE_CONTENDERS, VIDEO3D, VIDEO_LAYERS, moving_masks,
                              sequence_lengths, sequence_masks, speech_workloads, velocities, video_workloads)
 from bench.workloads import concatenated_mask, unet_layer_masks, updated_mask
@@ -61,6 +61,7 @@ def test_quick_run_of_the_video_and_speech_suites_with_nvidias_partialconv3d(tmp
     main(QUICK_ND + ["--nvidia-partialconv", nvidia_partialconv, "--out", str(tmp_path / "out")])
     out = tmp_path / "out"
     assert {p.suffix for p in out.iterdir()} == {".json", ".md", ".png"}
+    assert next(out.glob("*.json")).stem.endswith("_video3d-speech1d_quick")  # not overwritten by other suites
     records = _records(out)
     # Per dtype (2) and pass (2): 4 video layers x 4 contenders, 2 speech layers x 3.
     assert len(records) == 2 * 2 * (4 * 4 + 2 * 3)
@@ -224,6 +225,8 @@ def test_default_suites_and_sizes(monkeypatch):
     assert settings.video == {"float32": [1, 8, 128], "bfloat16": [1, 4, 32]}
     assert settings.speech == {"float32": [4, 2048], "bfloat16": [2, 128]}
     assert any(note.startswith("bfloat16 runs unet2d at 64×64, video3d at 4 frames of 32×32") for note in notes)
+    assert output_stem(settings, "AMD EPYC", "2026-11-30") == "cpu_2026-11-30"
     settings, _ = resolve_settings(parse_args(["--suite", "speech1d", "--length", "512", "--dtype", "float32"]))
     assert settings.suites == ["speech1d"] and settings.speech == {"float32": [4, 512]}
     assert settings.layers == [] and not settings.network and settings.video == {}
+    assert output_stem(settings, "AMD EPYC", "2026-11-30") == "cpu_2026-11-30_speech1d"
