@@ -99,11 +99,12 @@ def video_layers(channels=(3, 32, 64, 128, 128), out_channels=3):
 VIDEO_LAYERS = video_layers()
 VIDEO_LAYER_NAMES = [layer.name for layer in VIDEO_LAYERS]
 
-# Stride-1 convolutions with partial padding in NeMo's TTS models: the text encoder's 512-channel
-# 5-tap convolutions (batch norm and ReLU follow, so nothing is fused), the duration / pitch
-# predictors' 3-tap convolutions with ReLU (RAD-TTS's ConvLSTMLinear), a dilated 3-tap
-# convolution of the WaveNet-style coupling layers (dilation 2**i), and a 7-tap one for the long
-# end of the kernel sizes.
+# Stride-1 convolutions with partial padding as in NeMo's TTS models: RAD-TTS's text encoder
+# (get_radtts_encoder: three 512-channel 5-tap ConvNorm(use_partial_padding=True), a masked instance
+# norm and ReLU after each, so nothing is fused); 3-tap convolutions with ReLU of the ConvLSTMLinear
+# kind that its attribute predictors are built from (widths vary with the configuration); a dilated
+# 3-tap one like those of its WaveNet-style coupling layers (WN_RADTTS, dilation 2**i); and a 7-tap
+# one for the long end of the kernel sizes.
 SPEECH_LAYERS = [
     ConvLayer("enc_k5", 512, 512, (5,), (1,)),
     ConvLayer("pred_k3a", 512, 256, (3,), (1,), activation="relu"),
