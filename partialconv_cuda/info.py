@@ -6,9 +6,8 @@ from ._extension import build_info
 
 OPS = ("partialconv_cuda::partial_conv_forward", "partialconv_cuda::partial_conv_backward")
 BACKENDS = ("CPU", "CUDA", "Meta", "AutocastCPU", "AutocastCUDA")
-# Spatial dimensions each backend's kernels run: the CUDA kernels take 1-D as 2-D of height 1 and
-# refuse 3-D with a clear error until the N-d CUDA kernels land.
-SPATIAL_DIMS = {"CPU": (1, 2, 3), "CUDA": (1, 2)}
+# Spatial dimensions each backend's kernels run.
+SPATIAL_DIMS = {"CPU": (1, 2, 3), "CUDA": (1, 2, 3)}
 
 
 def compiled_kernels():

@@ -27,10 +27,14 @@ BACKENDS = [pytest.param("cpu:dense", id="cpu-dense"), pytest.param("cpu:packed"
 
 @pytest.fixture(params=BACKENDS)
 def device(request, monkeypatch):
-    """The device a test runs on; for the CPU also the path its kernels take."""
+    """The device a test runs on; for the CPU also the path its kernels take. On CUDA float32 runs
+    exactly (TF32 off, as these tests compare with float32 tolerances); tests/test_cuda.py checks
+    the TF32 kernels."""
     device, _, cpu_path = request.param.partition(":")
     if cpu_path:
         monkeypatch.setenv("PARTIALCONV_CPU_PATH", cpu_path)
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     return device
 
 

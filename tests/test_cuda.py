@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import random_problem
-from partialconv_cuda import PartialConv2d, partial_conv2d, partial_conv_reference
+from partialconv_cuda import PartialConv2d, info, partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
 
 pytestmark = pytest.mark.cuda
 
@@ -126,3 +126,43 @@ def test_compiled_layer_on_cuda_matches_eager():
     ref, ref_mask = layer(x, m)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(mask, ref_mask)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_cpu_and_cuda_agree_in_1d_and_3d(dims):
+    size, kernel = ((200,), (5,)) if dims == 1 else ((6, 20, 18), (3, 5, 5))
+    x, m, w, b = random_problem(n=2, cin=24, cout=40, size=size, kernel=kernel, mask="multi", seed=3)
+    function = partial_conv1d if dims == 1 else partial_conv3d
+    kwargs = dict(stride=2, padding=2, activation="relu")
+    results = []
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+        out, updated = function(leaves[0], m.to(device), leaves[1], leaves[2], **kwargs)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype).to(device))
+        results.append([out, updated] + [t.grad for t in leaves])
+    for cpu, cuda in zip(*results):
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-11, atol=1e-10)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False])
+def test_float32_follows_the_cudnn_tf32_flag(allow_tf32, monkeypatch):
+    """float32 runs on TF32 tensor cores when torch.backends.cudnn.allow_tf32 (conv2d's flag,
+    default True) allows it, else exactly on CUDA cores."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
+    x, m, w, b = cuda_copy(random_problem(n=2, cin=64, cout=64, size=(32, 32), dtype=torch.float32, seed=6))
+    path = info.forward_path(x, m, w, padding=1)
+    assert ("TF32 tensor cores" in path) == allow_tf32 and ("exactly on CUDA cores" in path) != allow_tf32
+    out, _ = partial_conv2d(x, m, w, b, padding=1)
+    ref, _ = partial_conv_reference(*[t.double() for t in (x, m, w, b)], padding=1)
+    error = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert error < (5e-3 if allow_tf32 else 1e-5), error
+
+
+def test_more_images_than_a_grid_dimension_holds():
+    """70000 images: the layout passes loop over gridDim.y (at most 65535)."""
+    x = torch.randn(70000, 2, 4, 4, device="cuda")
+    m = (torch.rand(70000, 1, 4, 4, device="cuda") > 0.3).float()
+    w = torch.randn(3, 2, 3, 3, device="cuda")
+    out, _ = partial_conv2d(x, m, w, None, padding=1)
+    ref, _ = partial_conv_reference(x[-5:].double(), m[-5:].double(), w.double(), None, padding=1)
+    torch.testing.assert_close(out[-5:].double(), ref, rtol=1e-4, atol=1e-4)

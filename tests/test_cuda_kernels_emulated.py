@@ -1,7 +1,15 @@
-"""The CUDA kernels' own source, run on the CPU under the host emulation of the CUDA execution
-model (tests/cuda_emulation/), against the float64 reference: indexing, tiling, bounds, barriers,
-split-K and the epilogues are checked on every commit, without a GPU. Built with ASan and UBSan;
-a few cases also run under ThreadSanitizer to catch races between the emulated threads."""
+"""The CUDA kernels' own source (csrc/cuda/: the launches the extension makes, their plans and
+workspaces), run on the CPU under the host emulation of the CUDA execution model
+(tests/cuda_emulation/), against the float64 reference: tiling, the multistage cp.async pipeline,
+tensor-core fragments, stride phases, split-K, the layout passes and the epilogues are checked on
+every commit, without a GPU.
+
+Every case runs under ASan/UBSan with cp.async copies landing at their covering wait (a read
+before the wait sees stale data); the kernel variants also run under ThreadSanitizer with copies
+landing when issued and at random legal moments (a stage refilled while another warp reads it is
+a race), as emulation_build.KERNEL_TEST_RUNS recommends. Bank conflicts of the GEMM kernels'
+shared-memory accesses (ldmatrix, cp.async, shared loads) must be 0."""
+import re
 import struct
 
 import pytest
@@ -12,33 +20,36 @@ import emulation_build
 from conftest import random_problem
 from partialconv_cuda import partial_conv_reference
 
-HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv2d.cpp"
+HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv.cpp"
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
-SANITIZERS = {"address": "-fsanitize=address,undefined", "thread": "-fsanitize=thread"}
 # The kernels' #pragma unroll means nothing to g++; c10's Half and BFloat16 come from torch.
 EXTRA_FLAGS = ("-Wno-unknown-pragmas", f"-I{torch.utils.cpp_extension.include_paths()[0]}")
-RUN_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("emulation")
-    return {name: emulation_build.build(HARNESS, directory / f"run_partial_conv2d_{name}", flag,
-                                        extra_flags=EXTRA_FLAGS)
-            for name, flag in SANITIZERS.items()}
+    return emulation_build.build_sanitized(HARNESS, tmp_path_factory.mktemp("emulation"), "run_partial_conv",
+                                           extra_flags=EXTRA_FLAGS)
 
 
-def run_emulated(binary, directory, case, x, m, w, b, grad):
-    """Forward and backward through the emulated kernels; returns a dict of float64 tensors."""
-    n, cin, height, width = x.shape
-    cout, _, kh, kw = w.shape
-    header = [DTYPES[x.dtype], case.get("index64", 0), case.get("channels_last", 0),
-              n, cin, height, width, cout, kh, kw, *case["stride"], *case["padding"],
-              *case["dilation"], case["groups"],
-              1 if m is None else m.shape[0], 0 if m is None else m.shape[1],
-              int(b is not None), ACTIVATIONS[case["activation"]], 1, 1, int(b is not None),
-              case.get("multiprocessors", 132)]
+def spatial(values, dims, fill):
+    """A per-dimension value as the harness's 3 dimensions (leading `fill`)."""
+    values = tuple(values) if isinstance(values, (tuple, list)) else (values,) * dims
+    return (fill,) * (3 - dims) + values
+
+
+def run_emulated(binary, directory, case, dtype, x, m, w, b, grad, landing):
+    """Forward and backward through the emulated kernels; returns (dict of float64 tensors, stdout)."""
+    dims = x.dim() - 2
+    n, cin = x.shape[:2]
+    cout = w.shape[0]
+    header = [DTYPES[dtype], int(case.get("tf32", False)), case.get("index64", 0), case.get("channels_last", 0), dims,
+              n, cin, cout, case["groups"], *spatial(x.shape[2:], dims, 1), *spatial(w.shape[2:], dims, 1),
+              *spatial(case["stride"], dims, 1), *spatial(case["padding"], dims, 0), *spatial(case["dilation"], dims, 1),
+              1 if m is None else m.shape[0], 0 if m is None else m.shape[1], int(b is not None),
+              ACTIVATIONS[case["activation"]], 1, 1, int(b is not None), case.get("multiprocessors", 132)]
     arrays = [t for t in (x, m, w, b, grad) if t is not None]
     case_file, result_file = directory / "case.bin", directory / "result.bin"
     with open(case_file, "wb") as f:
@@ -46,13 +57,13 @@ def run_emulated(binary, directory, case, x, m, w, b, grad):
         f.write(struct.pack("<d", case.get("negative_slope", 0.2)))
         for t in arrays:
             f.write(t.double().contiguous().numpy().tobytes())
-    result = emulation_build.run(binary, str(case_file), str(result_file), timeout=RUN_TIMEOUT_S)
+    result = emulation_build.run(binary, str(case_file), str(result_file), timeout=RUN_TIMEOUT_S, cp_async=landing)
     assert result.returncode == 0, result.stdout + result.stderr
     values = torch.frombuffer(bytearray(result_file.read_bytes()), dtype=torch.float64)
-    out_h, out_w = grad.shape[2:]
+    out_spatial = grad.shape[2:]
     mask_batch = 1 if m is None else m.shape[0]
-    shapes = {"output": grad.shape, "updated_mask": (mask_batch, 1, out_h, out_w),
-              "mask_scales": (mask_batch, 2, out_h, out_w), "grad_input": x.shape, "grad_weight": w.shape}
+    shapes = {"output": grad.shape, "updated_mask": (mask_batch, 1, *out_spatial),
+              "mask_scales": (mask_batch, 2, *out_spatial), "grad_input": x.shape, "grad_weight": w.shape}
     if b is not None:
         shapes["grad_bias"] = b.shape
     results, offset = {}, 0
@@ -61,30 +72,83 @@ def run_emulated(binary, directory, case, x, m, w, b, grad):
         results[name] = values[offset:offset + count].view(shape)
         offset += count
     assert offset == values.numel()
-    return results
+    return results, result.stdout
 
 
 def expected(case, x, m, w, b, grad):
     """Float64 reference outputs and gradients for the (rounded) inputs the kernels saw."""
-    leaves = [None if t is None else t.double().requires_grad_() for t in (x, w, b)]
+    leaves = [None if t is None else t.detach().to(torch.float64, copy=True).requires_grad_() for t in (x, w, b)]
     mask = None if m is None else m.double()
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "activation")}
     out, updated = partial_conv_reference(leaves[0], mask, leaves[1], leaves[2],
-                                            negative_slope=case.get("negative_slope", 0.2), **kwargs)
+                                          negative_slope=case.get("negative_slope", 0.2), **kwargs)
     out.backward(grad.double())
-    kh, kw = w.shape[2:]
+    dims = x.dim() - 2
+    conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}[dims]
     source = torch.ones(1, 1, *x.shape[2:], dtype=torch.float64) if mask is None else mask
-    window_sum = torch.nn.functional.conv2d(
-        source, torch.ones(1, source.shape[1], kh, kw, dtype=torch.float64), None,
-        case["stride"], case["padding"], case["dilation"])
-    window_size = source.shape[1] * kh * kw
+    window_sum = conv(source, torch.ones(1, source.shape[1], *w.shape[2:], dtype=torch.float64), None,
+                      case["stride"], case["padding"], case["dilation"])
+    window_size = source.shape[1] * w.shape[2:].numel()
     update = window_sum.clamp(0, 1)
     ratio = torch.where(window_sum > 0, window_size / window_sum.clamp_min(1), 0)
-    results = {"output": out.detach(), "updated_mask": update, "mask_scales": torch.cat([ratio, update], 1),
+    results = {"output": out.detach(), "updated_mask": update[:, :1], "mask_scales": torch.cat([ratio, update], 1),
                "grad_input": leaves[0].grad, "grad_weight": leaves[1].grad}
     if b is not None:
         results["grad_bias"] = leaves[2].grad
     return results
+
+
+def make_inputs(case, dtype, seed):
+    n, cin, cout = case.get("n", 2), case.get("cin", 4), case.get("cout", 6)
+    size = case.get("size", (9, 11))
+    mask_kind = "single" if case["mask"] == "big_hole" else case["mask"]
+    x, m, w, b = random_problem(n=n, cin=cin, cout=cout, size=size, kernel=case["kernel"], groups=case["groups"],
+                                bias=case.get("bias", True), mask=mask_kind, dtype=dtype, seed=seed)
+    if case["mask"] == "big_hole":
+        m[:, :, 2:20] = 0
+    if case.get("poison_holes"):
+        x = x.masked_fill((m == 0).expand_as(x), float("nan"))
+    dims = len(size)
+    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in
+           zip(size, case["kernel"], spatial(case["stride"], dims, 1)[3 - dims:],
+               spatial(case["padding"], dims, 0)[3 - dims:], spatial(case["dilation"], dims, 1)[3 - dims:])]
+    grad = torch.randn(n, cout, *out, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
+    return x, m, w, b, grad
+
+
+def compare(got, want, dtype, tf32=False):
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        return
+    eps = 2.0 ** -10 if tf32 else torch.finfo(dtype).eps
+    scale = want.abs().amax().item() if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=4 * eps, atol=8 * eps * max(scale, 1.0))
+
+
+def check(case, dtype, harness, tmp_path, seed, runs=((emulation_build.ADDRESS, "wait"),)):
+    inputs = make_inputs(case, dtype, seed=seed)
+    if case.get("poison_holes"):  # the reference sees the clean input: NaN in holes must not matter
+        clean = list(inputs)
+        clean[0] = inputs[0].nan_to_num(0.0)
+        want = expected(case, *clean)
+    else:
+        want = expected(case, *inputs)
+    for sanitizer, landing in runs:
+        got, stdout = run_emulated(harness[sanitizer], tmp_path, case, dtype, *inputs, landing=landing)
+        for name in want:
+            compare(got[name], want[name], dtype, tf32=case.get("tf32", False))
+        assert "bank conflicts: 0\n" in stdout, stdout
+    return stdout
+
+
+def case_id(case):
+    if isinstance(case, torch.dtype):
+        return str(case).removeprefix("torch.")
+    join = lambda v: "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731
+    return (f"{len(case['kernel'])}d-k{join(case['kernel'])}-s{join(case['stride'])}-g{case['groups']}-{case['mask']}"
+            f"-{case['activation']}" + (f"-n{case['n']}" if "n" in case else "")
+            + (f"-c{case['cin']}x{case['cout']}" if "cin" in case else "") + ("-tf32" if case.get("tf32") else "")
+            + (f"-sm{case['multiprocessors']}" if "multiprocessors" in case else ""))
 
 
 CASES = [
@@ -96,117 +160,96 @@ CASES = [
     dict(kernel=(2, 4), stride=(3, 2), padding=(1, 3), dilation=(1, 1), groups=1, mask="soft", activation=None, bias=False),
     dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1, mask="batch1", activation="leaky_relu"),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="empty", activation=None),
-    # a hole over whole image rows, so whole row tiles see no valid pixel: the forward skips their
-    # matrix work (10 of 18 tiles of 64 rows, 4 of 9 of 128)
+    # A hole over whole image rows: tiles of 128 rows of holes only skip their matrix work.
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="big_hole", activation="relu", n=2, cin=3, cout=5, size=(24, 24)),
-    # enough rows and output channels for several tiles in both directions and a split-K grad_weight
-    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=5, cout=70, size=(36, 33)),
-    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=5, cout=70, size=(36, 33), multiprocessors=1),
+    # Several tiles in both directions and 45 k-tiles (float64): with 132 multiprocessors the
+    # reductions split (fixed-order sums), with one they do not.
+    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=40, cout=130, size=(20, 20)),
+    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=2, cin=40, cout=130, size=(20, 20), multiprocessors=1),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=0),
+    # 1-D and 3-D on the same kernels.
+    dict(kernel=(5,), stride=(2,), padding=(2,), dilation=(1,), groups=2, mask="multi", activation="leaky_relu", size=(23,)),
+    dict(kernel=(3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), dilation=(1, 1, 1), groups=1, mask="single", activation="relu", size=(4, 7, 6)),
+    dict(kernel=(3, 2, 3), stride=(2, 1, 1), padding=(0, 1, 2), dilation=(1, 2, 1), groups=2, mask="soft", activation=None, size=(5, 6, 5)),
 ]
-
-
-# float16 and bfloat16 run on the tensor-core matrix core: 128x64 block tiles, the reduction walked
-# 32 at a time. Here: several tiles and k-steps, the last ones partial, in every product (forward
-# 132 x 131, grad_input 132 x 67, grad_weight 131 x 67; reductions 67, 131 and 132); a split-K
-# grad_weight (1122 output positions: slices of 576 and 546); skipped tiles; the empty batch.
-# Groups: CASES[2:4] in the low-precision test; int64 and channels_last: the layout test.
-TENSOR_CORE_CASES = [
-    dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, mask="single", activation="relu", n=1, cin=67, cout=131, size=(12, 11)),
-    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None, n=1, cin=2, cout=3, size=(33, 34)),
-    CASES[8],
-    CASES[11],
+# Reductions of many k-tiles with channels that fill whole chunks and several taps per k-tile,
+# on each element type: 16-bit (k-tiles of 32), TF32 and float (16), double (8).
+PIPELINE_CASES = [
+    dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation="relu", n=1, cin=40, cout=24, size=(12, 11)),
+    dict(kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, mask=None, activation=None, n=1, cin=67, cout=131, size=(12, 11)),
 ]
-HALF_DTYPES = [torch.float16, torch.bfloat16]
-
-
-def make_inputs(case, dtype, seed):
-    n, cin, cout = case.get("n", 2), case.get("cin", 4), case.get("cout", 6)
-    size = case.get("size", (9, 11))
-    mask_kind = "single" if case["mask"] == "big_hole" else case["mask"]
-    x, m, w, b = random_problem(n=n, cin=cin, cout=cout, size=size, kernel=case["kernel"], groups=case["groups"],
-                                bias=case.get("bias", True), mask=mask_kind, dtype=dtype, seed=seed)
-    if case["mask"] == "big_hole":
-        m[:, :, 2:20, :] = 0
-    out_h = (size[0] + 2 * case["padding"][0] - case["dilation"][0] * (case["kernel"][0] - 1) - 1) // case["stride"][0] + 1
-    out_w = (size[1] + 2 * case["padding"][1] - case["dilation"][1] * (case["kernel"][1] - 1) - 1) // case["stride"][1] + 1
-    grad = torch.randn(n, cout, out_h, out_w, generator=torch.Generator().manual_seed(seed + 1),
-                       dtype=torch.float64).to(dtype)
-    return x, m, w, b, grad
-
-
-def compare(got, want, dtype):
-    if dtype == torch.float64:
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        return
-    eps = torch.finfo(dtype).eps
-    scale = want.abs().amax().item() if want.numel() else 1.0
-    torch.testing.assert_close(got, want, rtol=4 * eps, atol=8 * eps * max(scale, 1.0))
-
-
-def case_id(case):
-    if isinstance(case, torch.dtype):
-        return str(case).removeprefix("torch.")
-    return "k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-g{groups}-{mask}-{activation}".format(**case) + (
-        f"-n{case['n']}" if "n" in case else "") + (f"-c{case['cin']}x{case['cout']}" if "cin" in case else "") + (
-        f"-sm{case['multiprocessors']}" if "multiprocessors" in case else "")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_emulated_kernels_float64(case, harness, tmp_path):
-    inputs = make_inputs(case, torch.float64, seed=3)
-    got = run_emulated(harness["address"], tmp_path, case, *inputs)
-    want = expected(case, *inputs)
-    for name in want:
-        compare(got[name], want[name], torch.float64)
+    check(case, torch.float64, harness, tmp_path, seed=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES], ids=case_id)
-@pytest.mark.parametrize("case", CASES[1:4], ids=case_id)
-def test_emulated_kernels_low_precision(case, dtype, harness, tmp_path):
-    inputs = make_inputs(case, dtype, seed=5)
-    got = run_emulated(harness["address"], tmp_path, case, *inputs)
-    want = expected(case, *inputs)
-    for name in want:
-        compare(got[name], want[name], dtype)
+LOW_PRECISION = [(torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)]
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=case_id)
-@pytest.mark.parametrize("case", TENSOR_CORE_CASES, ids=case_id)
-def test_emulated_tensor_core_kernels(case, dtype, harness, tmp_path):
-    inputs = make_inputs(case, dtype, seed=7)
-    got = run_emulated(harness["address"], tmp_path, case, *inputs)
-    want = expected(case, *inputs)
-    for name in want:
-        compare(got[name], want[name], dtype)
+@pytest.mark.parametrize(("dtype", "tf32"), LOW_PRECISION, ids=["float32", "tf32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[8], CASES[12], CASES[13]], ids=case_id)
+def test_emulated_kernels_low_precision(case, dtype, tf32, harness, tmp_path):
+    check(dict(case, tf32=tf32), dtype, harness, tmp_path, seed=5)
+
+
+@pytest.mark.parametrize(("dtype", "tf32"), [*LOW_PRECISION, (torch.float64, False)],
+                         ids=["float32", "tf32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", PIPELINE_CASES, ids=case_id)
+def test_emulated_pipeline_every_copy_landing(case, dtype, tf32, harness, tmp_path):
+    """Every kernel variant (element type) under ASan with copies landing at the wait, and under
+    TSan with copies landing when issued and at random legal moments."""
+    check(dict(case, tf32=tf32), dtype, harness, tmp_path, seed=7, runs=emulation_build.KERNEL_TEST_RUNS)
 
 
 @pytest.mark.parametrize("layout", [dict(index64=1), dict(channels_last=1), dict(index64=1, channels_last=1)],
                          ids=["int64", "channels_last", "int64-channels_last"])
-@pytest.mark.parametrize(("case", "dtype"), [(CASES[2], torch.float64), (CASES[9], torch.float64),
-                                             *((CASES[2], dtype) for dtype in HALF_DTYPES)], ids=case_id)
+@pytest.mark.parametrize(("case", "dtype"), [(CASES[2], torch.float64), (CASES[13], torch.float64),
+                                             (CASES[2], torch.float16), (CASES[2], torch.bfloat16)], ids=case_id)
 def test_emulated_kernels_index_width_and_layout(case, dtype, layout, harness, tmp_path):
-    case = dict(case, **layout)
-    inputs = make_inputs(case, dtype, seed=11)
-    got = run_emulated(harness["address"], tmp_path, case, *inputs)
-    want = expected(case, *inputs)
-    for name in want:
-        compare(got[name], want[name], dtype)
+    check(dict(case, **layout), dtype, harness, tmp_path, seed=11)
 
 
-# CASES[1] walks the tensor-core core through several k-steps and row tiles.
-@pytest.mark.parametrize(("case", "dtype"), [(CASES[2], torch.float32), (CASES[8], torch.float32),
-                                             (CASES[1], torch.float16)], ids=case_id)
-def test_emulated_kernels_race_free(case, dtype, harness, tmp_path):
-    """ThreadSanitizer: every shared-memory access of the emulated block is ordered by a barrier."""
-    inputs = make_inputs(case, dtype, seed=13)
-    got = run_emulated(harness["thread"], tmp_path, case, *inputs)
-    want = expected(case, *inputs)
-    for name in want:
-        compare(got[name], want[name], dtype)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_emulated_nan_in_holes_is_never_read(dtype, harness, tmp_path):
+    case = dict(CASES[8], poison_holes=True)
+    check(case, dtype, harness, tmp_path, seed=13)
+
+
+@pytest.mark.parametrize(("case", "splits"), [(CASES[10], False), (CASES[9], True)], ids=["one-sm", "132-sms"])
+def test_emulated_split_reduction(case, splits, harness, tmp_path):
+    stdout = check(case, torch.float64, harness, tmp_path, seed=17)
+    plans = [line for line in stdout.splitlines() if line.startswith(("forward:", "backward:"))]
+    assert len(plans) == 2
+    for plan in plans:
+        slices = [int(n) for n in re.findall(r"reduction in (?:up to )?(\d+) slice", plan)]
+        assert slices and (max(slices) > 1) == splits, plan
 
 
 def test_dividers(harness):
     """The multiply-high dividers of the index decode equal / and % (int32 and int64)."""
-    result = emulation_build.run(harness["address"], "--check-dividers", timeout=RUN_TIMEOUT_S)
+    result = emulation_build.run(harness[emulation_build.ADDRESS], "--check-dividers", timeout=RUN_TIMEOUT_S)
     assert result.returncode == 0 and "0 failures" in result.stdout, result.stdout + result.stderr
+
+
+def test_every_pconv_unet_layer_fills_a_wave(harness, tmp_path):
+    """At the GPU benchmark's size (batch 8, 512x512, float16), every GEMM launch of every
+    PConvUNet layer (forward, grad_weight, the stride phases of grad_input) has at least one block
+    per multiprocessor of an H100/H200 (132): the reduction splits where the tiles are too few."""
+    from bench.workloads import LAYER_NAMES, SUITE, layer_workloads
+
+    case_file = tmp_path / "plan.bin"
+    for workload in layer_workloads(SUITE, LAYER_NAMES, 8, 512, 512, [0.3]):
+        layer = workload.layer
+        k, s, pad = layer.kernel_size, layer.stride, layer.padding
+        header = [DTYPES[torch.float16], 0, 0, 0, 2, 8, layer.in_channels, layer.out_channels, 1,
+                  1, workload.height, workload.width, 1, k, k, 1, s, s, 0, pad, pad, 1, 1, 1,
+                  8, layer.in_channels if layer.multi_channel else 1, int(layer.bias), 0, 1, 1, 1, 132]
+        case_file.write_bytes(struct.pack(f"<{len(header)}q", *header) + struct.pack("<d", 0.2))
+        result = emulation_build.run(harness[emulation_build.ADDRESS], "--plan", str(case_file))
+        assert result.returncode == 0, result.stderr
+        launches = [line.split() for line in result.stdout.splitlines()]
+        assert {name for name, _ in launches} == {"forward", "grad_weight", "grad_input"}
+        for name, blocks in launches:
+            assert int(blocks) >= 132, f"{layer.name} {name}: {blocks} blocks"

@@ -73,12 +73,6 @@ def problem(case, device, dtype=torch.float64, seed=0):
                                     mask=case["mask"], dtype=dtype, seed=seed), device)
 
 
-def cuda_refuses_3d(device, dims):
-    """3-D on CUDA is a clear NotImplementedError until the N-d CUDA kernels land."""
-    return pytest.raises(NotImplementedError, match="CUDA kernels do not support 3 spatial dimensions") \
-        if device == "cuda" and dims == 3 else None
-
-
 def test_grid_covers_the_contract():
     for dims, cases in CASES.items():
         assert {c["mask"] for c in cases} == set(MASK_KINDS)
@@ -94,11 +88,6 @@ def test_grid_covers_the_contract():
 @pytest.mark.parametrize(("dims", "case"), GRID, ids=[f"{d}d-{case_id(c)}" for d, c in GRID])
 def test_matches_reference_float64(dims, case, device):
     x, m, w, b = problem(case, device, seed=hash(str(case)) % 1000)
-    refusal = cuda_refuses_3d(device, dims)
-    if refusal:
-        with refusal:
-            FUNCTIONS[dims](x, m, w, b, **conv_kwargs(case))
-        return
     out, mask_out = FUNCTIONS[dims](x, m, w, b, **conv_kwargs(case))
     ref, ref_mask = partial_conv_reference(x, m, w, b, **conv_kwargs(case))
     assert out.shape == ref.shape and mask_out.shape == ref_mask.shape
@@ -110,8 +99,6 @@ def test_matches_reference_float64(dims, case, device):
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_gradients_match_reference_autograd(dims, device):
-    if cuda_refuses_3d(device, dims):
-        pytest.skip("3-D on CUDA: the refusal is tested by test_matches_reference_float64")
     for i, case in enumerate(CASES[dims][:24]):
         x, m, w, b = problem(dict(case, bias=True), device, seed=i)
         grads = []
@@ -140,8 +127,6 @@ GRADCHECK_GRID = [(dims, case) for dims, cases in GRADCHECK_CASES.items() for ca
                          ids=[f"{d}d-k{'x'.join(map(str, c['kernel']))}-{c['mask']}" for d, c in GRADCHECK_GRID])
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck(dims, case, bias, device):
-    if cuda_refuses_3d(device, dims):
-        pytest.skip("3-D on CUDA: the refusal is tested by test_matches_reference_float64")
     size = (9,) if dims == 1 else (4, 5, 4)
     x, m, w, b = to_device(random_problem(n=2, cin=4, cout=4, size=size, kernel=case["kernel"],
                                           groups=case["groups"], bias=bias, mask=case["mask"], seed=7), device)
@@ -159,8 +144,6 @@ def test_gradcheck(dims, case, bias, device):
 def test_low_precision_close_to_float64(dims, dtype, device):
     """Half types accumulate in float: on the same (rounded) inputs, the float64 result rounded
     once (the tolerance of the 2-D test)."""
-    if cuda_refuses_3d(device, dims):
-        pytest.skip("3-D on CUDA: the refusal is tested by test_matches_reference_float64")
     for case in CASES[dims][:14]:
         x, m, w, b = problem(case, device, dtype=dtype)
         out, mask_out = FUNCTIONS[dims](x, m, w, b, **conv_kwargs(case))
@@ -199,8 +182,6 @@ def test_strided_1d_input_changes_nothing():
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_empty_batch(dims, device):
-    if cuda_refuses_3d(device, dims):
-        pytest.skip("3-D on CUDA: the refusal is tested by test_matches_reference_float64")
     size, kernel = ((6,), (3,)) if dims == 1 else ((4, 5, 3), (3, 3, 3))
     x, m, w, b = to_device(random_problem(n=0, cin=2, cout=3, size=size, kernel=kernel), device)
     x.requires_grad_()
@@ -213,8 +194,6 @@ def test_empty_batch(dims, device):
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_nan_and_inf_in_holes_contribute_nothing(dims, device):
-    if cuda_refuses_3d(device, dims):
-        pytest.skip("3-D on CUDA: the refusal is tested by test_matches_reference_float64")
     size, kernel = ((30,), (3,)) if dims == 1 else ((6, 7, 5), (3, 3, 3))
     x, m, w, b = random_problem(n=2, cin=3, cout=4, size=size, kernel=kernel)
     m[0, :, :4] = 0  # wide enough for windows of holes only

@@ -15,11 +15,6 @@ STRIDES = {1: [2], 2: [2, 1], 3: [1, 2, 1]}
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 
 
-def skip_cuda_3d(device, dims):
-    if device == "cuda" and dims == 3:
-        pytest.skip("3-D does not run on CUDA yet (tests/test_nd.py checks the error)")
-
-
 def forward_samples(device, dims=2):
     samples = []
     for mask, bias, groups, activation, dtype in [
@@ -41,14 +36,12 @@ def forward_samples(device, dims=2):
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_opcheck_forward(device, dims):
-    skip_cuda_3d(device, dims)
     for args in forward_samples(device, dims):
         torch.library.opcheck(FORWARD, args)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_opcheck_backward(device, dims):
-    skip_cuda_3d(device, dims)
     for args in forward_samples(device, dims):
         x, m, w, b, stride, padding, dilation, groups, activation, slope = args
         with torch.no_grad():

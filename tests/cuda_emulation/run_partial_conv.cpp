@@ -1,0 +1,287 @@
+// Runs the CUDA kernels (csrc/cuda/conv_launch.cuh: the very launches the extension makes) on the
+// CPU under the host emulation, for tests/test_cuda_kernels_emulated.py, which builds this with
+// the sanitizers, writes a problem, and compares what comes back with the float64 reference.
+//
+//   run_partial_conv CASE_FILE RESULT_FILE   one forward + backward (formats below)
+//   run_partial_conv --plan CASE_FILE        the blocks of every GEMM launch (float16), per line
+//   run_partial_conv --check-dividers        the multiply-high dividers against / and %
+//
+// CASE_FILE: int64 fields in the order of CaseHeader, then float64 negative_slope, then float64
+// arrays in (N, C, *spatial) order: input, mask (if any), weight, bias (if any), grad_output.
+// RESULT_FILE: float64 arrays: output, updated_mask, mask_scales, then grad_input, grad_weight,
+// grad_bias for those asked for. stdout: the plan, and the bank conflicts of all launches.
+#include "cuda_emulation.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdio>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cuda/conv_launch.cuh"
+
+namespace {
+
+using partialconv::Activation;
+using partialconv::ConvGeometry;
+using partialconv::Divider;
+using partialconv::kDims;
+namespace pc = partialconv::cuda;
+
+struct CaseHeader {
+  int64_t dtype;  // 0 float64, 1 float32, 2 float16, 3 bfloat16
+  int64_t tf32, index64, channels_last, spatial_dims;
+  int64_t batch, in_channels, out_channels, groups;
+  int64_t in_size[kDims], kernel[kDims], stride[kDims], pad[kDims], dilation[kDims];
+  int64_t mask_batch, mask_channels, has_bias, activation;
+  int64_t need_input, need_weight, need_bias, multiprocessors;
+};
+
+// A (n, c, *spatial) tensor in memory as the kernels see it: channels-first or channels-last
+// strides, stored for 3 spatial dimensions (leading ones of size 1).
+template <typename T>
+struct Buffer {
+  std::vector<T> data;
+  int64_t sizes[2 + kDims] = {0, 0, 1, 1, 1}, strides[2 + kDims] = {0, 0, 0, 0, 0};
+
+  Buffer(int64_t n, int64_t c, const int64_t (&spatial)[kDims], bool channels_last) {
+    sizes[0] = n, sizes[1] = c;
+    for (int d = 0; d < kDims; ++d) sizes[2 + d] = spatial[d];
+    data.resize(size_t(numel()));
+    if (channels_last) {
+      strides[1] = 1, strides[4] = c, strides[3] = spatial[2] * c, strides[2] = spatial[1] * spatial[2] * c;
+      strides[0] = spatial[0] * spatial[1] * spatial[2] * c;
+    } else {
+      strides[4] = 1, strides[3] = spatial[2], strides[2] = spatial[1] * spatial[2];
+      strides[1] = spatial[0] * spatial[1] * spatial[2], strides[0] = c * strides[1];
+    }
+  }
+  int64_t numel() const { return sizes[0] * sizes[1] * sizes[2] * sizes[3] * sizes[4]; }
+  T& at(int64_t i) {  // i: index in (n, c, *spatial) order
+    int64_t offset = 0;
+    for (int d = 2 + kDims - 1; d >= 0; --d) {
+      offset += i % sizes[d] * strides[d];
+      i /= sizes[d];
+    }
+    return data[size_t(offset)];
+  }
+  template <typename U>
+  pc::TensorRef<U, int64_t> ref() {
+    pc::TensorRef<U, int64_t> r;
+    r.data = data.data();
+    for (int d = 0; d < 2 + kDims; ++d) r.stride[d] = strides[d];
+    return r;
+  }
+};
+
+struct Reader {
+  std::ifstream in;
+  explicit Reader(const char* path) : in(path, std::ios::binary) {
+    if (!in) throw std::runtime_error(std::string("cannot open ") + path);
+  }
+  template <typename T>
+  T read() {
+    T value;
+    if (!in.read(reinterpret_cast<char*>(&value), sizeof(T))) throw std::runtime_error("short case file");
+    return value;
+  }
+  template <typename T>
+  void fill(Buffer<T>& buffer) {
+    for (int64_t i = 0; i < buffer.numel(); ++i) buffer.at(i) = static_cast<T>(read<double>());
+  }
+};
+
+struct Writer {
+  std::ofstream out;
+  explicit Writer(const char* path) : out(path, std::ios::binary) {}
+  template <typename T>
+  void write(Buffer<T>& buffer) {
+    for (int64_t i = 0; i < buffer.numel(); ++i) {
+      const double value = static_cast<double>(buffer.at(i));
+      out.write(reinterpret_cast<const char*>(&value), sizeof(double));
+    }
+  }
+};
+
+// Bank conflicts of every launch so far (the GEMM kernels are the only ones whose shared-memory
+// accesses the emulator counts).
+unsigned long long total_conflicts = 0;
+const auto after_launch = [] { total_conflicts += cuda_emulation::last_launch_bank_conflicts().total().conflicts(); };
+
+ConvGeometry geometry_of(const CaseHeader& h) {
+  ConvGeometry g{};
+  g.batch = h.batch, g.in_channels = h.in_channels, g.out_channels = h.out_channels, g.groups = h.groups;
+  g.mask_batch = h.mask_batch, g.mask_channels = h.mask_channels, g.spatial_dims = int(h.spatial_dims);
+  for (int d = 0; d < kDims; ++d) {
+    g.in_size[d] = h.in_size[d], g.kernel[d] = h.kernel[d], g.stride[d] = h.stride[d];
+    g.pad[d] = h.pad[d], g.dilation[d] = h.dilation[d];
+    g.out_size[d] = partialconv::conv_output_size(g.in_size[d], g.kernel[d], g.stride[d], g.pad[d], g.dilation[d]);
+  }
+  return g;
+}
+
+// --plan: the blocks of every GEMM launch of forward and backward.
+template <typename E>
+void print_plan(const CaseHeader& h) {
+  const ConvGeometry g = geometry_of(h);
+  const pc::DeviceInfo device{int(h.multiprocessors)};
+  const pc::ElementKind kind = pc::ElementKind::kHalf;
+  const pc::ConvPlan forward = pc::plan_conv<E>(g, kind, device, true, {int64_t(0)});
+  const pc::ConvPlan backward = pc::plan_conv<E>(g, kind, device, false, {int64_t(0)});
+  std::printf("forward %lld\n", (long long)forward.forward_blocks);
+  std::printf("grad_weight %lld\n", (long long)backward.grad_weight_blocks);
+  // The phases of one launch fill the GPU together.
+  const auto& phases = backward.grad_input_phases;
+  for (size_t first = 0; first < phases.size(); first += pc::kMaxPhasesPerLaunch) {
+    long long blocks = 0;
+    for (size_t i = first; i < std::min(phases.size(), first + pc::kMaxPhasesPerLaunch); ++i) blocks += phases[i].blocks;
+    std::printf("grad_input %lld\n", blocks);
+  }
+}
+
+template <typename E, typename scalar_t, typename acc_t>
+void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& writer) {
+  const ConvGeometry g = geometry_of(h);
+  const bool cl = h.channels_last != 0;
+  const int64_t cin_g = g.in_channels / g.groups;
+  const int64_t one[kDims] = {1, 1, 1}, bias_size[kDims] = {1, 1, h.has_bias ? g.out_channels : 0};
+
+  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_size, cl);
+  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size, cl);
+  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel, false);
+  Buffer<scalar_t> bias(1, 1, bias_size, false);
+  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_size, cl);
+  reader.fill(input);
+  reader.fill(mask);
+  reader.fill(weight);
+  reader.fill(bias);
+  reader.fill(grad_output);
+  (void)one;
+
+  Buffer<scalar_t> output(g.batch, g.out_channels, g.out_size, cl);
+  Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_size, false);
+  Buffer<acc_t> mask_scales(g.mask_batch, 2, g.out_size, false);
+  const Activation activation = static_cast<Activation>(h.activation);
+  const pc::ElementKind kind = pc::element_kind<scalar_t>(h.tf32 != 0);
+  const pc::DeviceInfo device{int(h.multiprocessors)};
+
+  pc::ForwardArgs<scalar_t, acc_t> forward{g,
+                                           activation,
+                                           acc_t(negative_slope),
+                                           input.template ref<const scalar_t>(),
+                                           g.mask_channels ? mask.template ref<const scalar_t>() : pc::TensorRef<const scalar_t, int64_t>{},
+                                           weight.template ref<const scalar_t>(),
+                                           h.has_bias ? bias.data.data() : nullptr,
+                                           output.template ref<scalar_t>(),
+                                           updated_mask.data.data(),
+                                           mask_scales.data.data()};
+  pc::ConvPlan plan = pc::plan_conv<E>(g, kind, device, true, {int64_t(0)});
+  plan.index64 = plan.index64 || h.index64 != 0;
+  std::vector<unsigned char> workspace(size_t(plan.workspace.bytes) + 256);
+  std::printf("forward: %s\n", pc::describe_plan(plan, true, "emulated").c_str());
+  if (plan.index64)
+    pc::run_forward<E, scalar_t, acc_t, int64_t>(forward, plan, workspace.data(), nullptr, after_launch);
+  else
+    pc::run_forward<E, scalar_t, acc_t, int32_t>(forward, plan, workspace.data(), nullptr, after_launch);
+  writer.write(output);
+  writer.write(updated_mask);
+  writer.write(mask_scales);
+
+  Buffer<scalar_t> grad_input(g.batch, g.in_channels, g.in_size, cl);
+  Buffer<scalar_t> grad_weight(g.out_channels, cin_g, g.kernel, false);
+  Buffer<scalar_t> grad_bias(1, 1, bias_size, false);
+  pc::BackwardArgs<scalar_t, acc_t> backward{
+      g,
+      activation,
+      acc_t(negative_slope),
+      grad_output.template ref<const scalar_t>(),
+      input.template ref<const scalar_t>(),
+      forward.mask,
+      weight.template ref<const scalar_t>(),
+      activation == Activation::kNone ? pc::TensorRef<const scalar_t, int64_t>{} : output.template ref<const scalar_t>(),
+      mask_scales.data.data(),
+      h.need_input ? grad_input.template ref<scalar_t>() : pc::TensorRef<scalar_t, int64_t>{},
+      h.need_weight ? grad_weight.data.data() : nullptr,
+      h.need_bias && h.has_bias ? grad_bias.data.data() : nullptr};
+  plan = pc::plan_conv<E>(g, kind, device, false, {int64_t(0)});
+  plan.index64 = plan.index64 || h.index64 != 0;
+  workspace.assign(size_t(plan.workspace.bytes) + 256, 0xCD);
+  std::printf("backward: %s\n", pc::describe_plan(plan, false, "emulated").c_str());
+  if (plan.index64)
+    pc::run_backward<E, scalar_t, acc_t, int64_t>(backward, plan, workspace.data(), nullptr, after_launch);
+  else
+    pc::run_backward<E, scalar_t, acc_t, int32_t>(backward, plan, workspace.data(), nullptr, after_launch);
+  if (h.need_input) writer.write(grad_input);
+  if (h.need_weight) writer.write(grad_weight);
+  if (h.need_bias && h.has_bias) writer.write(grad_bias);
+  std::printf("bank conflicts: %llu\n", total_conflicts);
+}
+
+template <typename index_t>
+int check_dividers() {
+  std::mt19937_64 rng(7);
+  const index_t top = std::numeric_limits<index_t>::max();
+  std::vector<index_t> divisors{1, 2, 3, 5, 7, 9, 25, 49, 64, 100, 127, 255, 256, 1000, 4095, 65537};
+  for (int i = 0; i < 200; ++i) divisors.push_back(index_t(rng() % uint64_t(top)) + 1);
+  divisors.push_back(top);
+  divisors.push_back(top / 2 + 1);
+  int failures = 0;
+  for (const index_t d : divisors) {
+    const Divider<index_t> divider = Divider<index_t>::make(d);
+    std::vector<index_t> values{0, 1, d - 1, d, top, top - 1, top / d * d, top / d * d - 1};
+    for (int i = 0; i < 2000; ++i) values.push_back(index_t(rng() % (uint64_t(top) + 1)));
+    for (int i = 0; i < 200; ++i) values.push_back(index_t(rng() % 100000));
+    for (const index_t n : values) {
+      if (n < 0) continue;
+      if (divider.div(n) != n / d || divider.mod(n) != n % d) {
+        if (++failures < 10)
+          std::printf("divider %lld: %lld / %lld gave %lld\n", (long long)(8 * sizeof(index_t)), (long long)n,
+                      (long long)d, (long long)divider.div(n));
+      }
+    }
+  }
+  return failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "--check-dividers") {
+    const int failures = check_dividers<int32_t>() + check_dividers<int64_t>();
+    std::printf("dividers: %d failures\n", failures);
+    return failures == 0 ? 0 : 1;
+  }
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s CASE_FILE RESULT_FILE | --plan CASE_FILE | --check-dividers\n", argv[0]);
+    return 2;
+  }
+  const bool plan_only = std::string(argv[1]) == "--plan";
+  Reader reader(argv[plan_only ? 2 : 1]);
+  CaseHeader h;
+  int64_t* fields = reinterpret_cast<int64_t*>(&h);
+  for (size_t i = 0; i < sizeof(CaseHeader) / sizeof(int64_t); ++i) fields[i] = reader.read<int64_t>();
+  if (plan_only) {
+    print_plan<c10::Half>(h);
+    return 0;
+  }
+  const double slope = reader.read<double>();
+  Writer writer(argv[2]);
+  switch (h.dtype) {
+    case 0: run<double, double, double>(h, slope, reader, writer); break;
+    case 1:
+      if (h.tf32)
+        run<pc::Tf32, float, float>(h, slope, reader, writer);
+      else
+        run<float, float, float>(h, slope, reader, writer);
+      break;
+    case 2: run<c10::Half, c10::Half, float>(h, slope, reader, writer); break;
+    case 3: run<c10::BFloat16, c10::BFloat16, float>(h, slope, reader, writer); break;
+    default: std::fprintf(stderr, "unknown dtype %lld\n", (long long)h.dtype); return 2;
+  }
+  return writer.out.good() ? 0 : 1;
+}
