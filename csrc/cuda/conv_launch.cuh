@@ -298,6 +298,13 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
 #endif
 }
 
+// Whether a tensor's channels are its fastest dimension (a channels-last layout): the layout passes
+// then read it along channels.
+template <typename T>
+bool channels_fastest(const TensorRef<T, int64_t>& t) {
+  return t.stride[1] == 1 && (t.stride[4] != 1 || t.stride[3] != 1);
+}
+
 // Blocks of to_channels_last_kernel: pixel tiles, and images (at most 65535 at a time).
 inline dim3 transpose_grid(int64_t pixels, int64_t batch) {
   return dim3(unsigned(ceil_div<int64_t>(pixels, kTransposeTile)), unsigned(std::min<int64_t>(batch, kMaxGridY)));
@@ -368,11 +375,11 @@ void launch_masked_input(const ConvShape<index_t>& g, const TensorRef<const scal
   if (plane != nullptr)
     launch_kernel(to_channels_last_kernel<decltype(source), E, acc_t, index_t, true>, grid,
                   dim3(kTransposeTile * kTransposeRows), 0, stream, source, out, g.batch, grid_of(g.in_size), padded,
-                  plane, g.mask_batch);
+                  false, plane, g.mask_batch);
   else
     launch_kernel(to_channels_last_kernel<decltype(source), E, acc_t, index_t, false>, grid,
                   dim3(kTransposeTile * kTransposeRows), 0, stream, source, out, g.batch, grid_of(g.in_size), padded,
-                  plane, index_t(0));
+                  channels_fastest(input), plane, index_t(0));
   after_launch();
 }
 
@@ -384,6 +391,35 @@ void launch_tables(const ConvShape<index_t>& g, const ConvPlan& plan, unsigned c
                 index_t(plan.in_padded), index_t(plan.out_padded),
                 workspace_at<TapDelta<index_t>>(workspace, plan.tables), phases);
   after_launch();
+}
+
+// The operands of a gather GEMM (conv_problems.cuh): `cols` columns per group; A = `source`, a
+// channels-last operand of `groups` groups of `padded` channels over a grid of `extent`, read at
+// grid point * scale + offset + tap delta; B = `weight`, rows of taps * padded; epilogue
+// coordinates grid point * output_scale (+ the phase's offset).
+template <class Problem, typename index_t>
+void set_gather_operands(typename Problem::Params& p, index_t cols, const typename Problem::Storage* source,
+                         index_t groups, const index_t (&extent)[kDims], index_t padded, const coord_t (&scale)[kDims],
+                         const coord_t (&offset)[kDims], const index_t (&output_scale)[kDims],
+                         const typename Problem::Storage* weight, index_t taps) {
+  const index_t pixel = groups * padded;
+  p.cols = cols;
+  p.a = source;
+  p.a_image = extent[0] * extent[1] * extent[2] * pixel;
+  p.a_step[2] = pixel, p.a_step[1] = pixel * extent[2], p.a_step[0] = pixel * extent[2] * extent[1];
+  p.a_group = padded;
+  for (int d = 0; d < kDims; ++d) {
+    p.a_extent[d] = coord_t(extent[d]);
+    p.scale[d] = scale[d];
+    p.offset[d] = offset[d];
+    p.output_scale[d] = output_scale[d];
+  }
+  p.channels = padded;
+  p.step_taps = int(Problem::kBlockK / padded);
+  p.step_channels = int(Problem::kBlockK % padded);
+  p.b = weight;
+  p.b_row = taps * padded;
+  p.b_group = cols * p.b_row;
 }
 
 template <typename E, typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
@@ -414,24 +450,11 @@ void run_forward(const ForwardArgs<scalar_t, acc_t>& args, const ConvPlan& plan,
   after_launch();
 
   typename Problem::Params p{};
-  p.cols = cout_g;
-  p.a = xm;
-  p.a_image = g.in_positions() * g.groups * index_t(plan.in_padded);
-  const index_t pixel = g.groups * index_t(plan.in_padded);
-  p.a_step[2] = pixel, p.a_step[1] = pixel * g.in_size[2], p.a_step[0] = pixel * g.in_size[2] * g.in_size[1];
-  p.a_group = index_t(plan.in_padded);
-  for (int d = 0; d < kDims; ++d) {
-    p.a_extent[d] = coord_t(g.in_size[d]);
-    p.scale[d] = coord_t(g.stride[d]);
-    p.offset[d] = coord_t(-g.pad[d]);
-    p.output_scale[d] = 1;
-  }
-  p.channels = index_t(plan.in_padded);
-  p.step_taps = int(Problem::kBlockK / plan.in_padded);
-  p.step_channels = int(Problem::kBlockK % plan.in_padded);
-  p.b = wf;
-  p.b_row = g.taps() * index_t(plan.in_padded);
-  p.b_group = cout_g * p.b_row;
+  const coord_t stride[kDims] = {coord_t(g.stride[0]), coord_t(g.stride[1]), coord_t(g.stride[2])};
+  const coord_t offset[kDims] = {coord_t(-g.pad[0]), coord_t(-g.pad[1]), coord_t(-g.pad[2])};
+  const index_t unit[kDims] = {1, 1, 1};
+  set_gather_operands<Problem>(p, cout_g, xm, g.groups, g.in_size, index_t(plan.in_padded), stride, offset, unit, wf,
+                               g.taps());
   p.phase_count = 1;
   auto& phase = p.phases[0];
   phase.rows = g.batch * g.out_positions();
@@ -472,8 +495,8 @@ void run_backward(const BackwardArgs<scalar_t, acc_t>& args, const ConvPlan& pla
     const ChannelsLast<Storage, index_t> out{gc, g.out_positions(), g.groups, cout_g, index_t(plan.out_padded)};
     launch_kernel(to_channels_last_kernel<decltype(output_grad), E, acc_t, index_t, false>,
                   transpose_grid(g.out_positions(), g.batch), dim3(kTransposeTile * kTransposeRows), 0, stream,
-                  output_grad, out, g.batch, grid_of(g.out_size),
-                  Divider<index_t>::make(index_t(plan.out_padded)), static_cast<acc_t*>(nullptr), index_t(0));
+                  output_grad, out, g.batch, grid_of(g.out_size), Divider<index_t>::make(index_t(plan.out_padded)),
+                  channels_fastest(args.grad_output), static_cast<acc_t*>(nullptr), index_t(0));
     after_launch();
   }
   const index_t gc_pixel = g.groups * index_t(plan.out_padded);
@@ -488,23 +511,10 @@ void run_backward(const BackwardArgs<scalar_t, acc_t>& args, const ConvPlan& pla
     after_launch();
     // The stride phases, up to kMaxPhasesPerLaunch per launch; each its own z range.
     typename Problem::Params p{};
-    p.cols = cin_g;
-    p.a = gc;
-    p.a_image = g.out_positions() * gc_pixel;
-    p.a_step[2] = gc_pixel, p.a_step[1] = gc_pixel * g.out_size[2], p.a_step[0] = gc_pixel * g.out_size[2] * g.out_size[1];
-    p.a_group = index_t(plan.out_padded);
-    for (int d = 0; d < kDims; ++d) {
-      p.a_extent[d] = coord_t(g.out_size[d]);
-      p.scale[d] = 1;
-      p.offset[d] = 0;
-      p.output_scale[d] = g.stride[d];
-    }
-    p.channels = index_t(plan.out_padded);
-    p.step_taps = int(Problem::kBlockK / plan.out_padded);
-    p.step_channels = int(Problem::kBlockK % plan.out_padded);
-    p.b = wd;
-    p.b_row = g.taps() * index_t(plan.out_padded);
-    p.b_group = cin_g * p.b_row;
+    const coord_t unit_scale[kDims] = {1, 1, 1}, no_offset[kDims] = {0, 0, 0};
+    const index_t stride[kDims] = {g.stride[0], g.stride[1], g.stride[2]};
+    set_gather_operands<Problem>(p, cin_g, gc, g.groups, g.out_size, index_t(plan.out_padded), unit_scale, no_offset,
+                                 stride, wd, g.taps());
     p.epilogue = {narrow_ref<scalar_t, index_t>(args.grad_input), narrow_ref<const scalar_t, index_t>(args.mask),
                   g.mask_batch, g.mask_channels, cin_g};
     int64_t partials_offset = 0, rows = 0;

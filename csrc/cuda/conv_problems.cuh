@@ -12,11 +12,11 @@
 // reduction from the source at   coordinate = grid point * scale + offset + tap delta:
 //   forward     grid = output positions, scale = stride, offset = -padding, delta = tap * dilation,
 //               source Xm, columns = output channels of the group, B = weight (C_out, taps, C_in)
-//   grad_input  one launch per stride phase r (input coordinates = r mod stride): grid = the
-//               input positions of the phase (i = i' * stride + r), scale 1, offset 0, and only
-//               the taps that reach the phase, delta = (r + padding - tap * dilation) / stride:
-//               taps off the stride grid are never visited. Source GC, columns = input channels,
-//               B = weight (C_in, taps, C_out).
+//   grad_input  one GEMM per stride phase r (input coordinates = r mod stride), up to
+//               kMaxPhasesPerLaunch of them in one launch: grid = the input positions of the phase
+//               (i = i' * stride + r), scale 1, offset 0, and only the taps that reach the phase,
+//               delta = (r + padding - tap * dilation) / stride: taps off the stride grid are
+//               never visited. Source GC, columns = input channels, B = weight (C_in, taps, C_out).
 //   The reduction is tap-major, k = j * channels + c over the taps j of a table; a thread keeps
 //   (j, c) of its chunk and advances it by one k-tile with an add and one compare: no division
 //   in the mainloop.
@@ -24,8 +24,9 @@
 // output positions of the batch: A = GC (MN-contiguous along output channels), B = Xm gathered at
 // position * stride - padding + tap * dilation (MN-contiguous along input channels).
 //
-// A reduction split in `splits` slices (z = group * splits + split) writes fp32 (fp64) partial
-// sums; reduce_splits_kernel adds them in a fixed order and applies the epilogue: deterministic.
+// A reduction split in `splits` slices (z = group * splits + split, after the z of the launch's
+// earlier phases) writes fp32 (fp64) partial sums; reduce_splits_kernel adds them in a fixed order
+// and applies the epilogue: deterministic.
 #pragma once
 
 #include <cstdint>

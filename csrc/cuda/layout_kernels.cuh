@@ -176,40 +176,47 @@ constexpr int kTransposeTile = 32;  // pixels and channels of one transpose step
 constexpr int kTransposeRows = 8;   // threads per 32 pixels: 256 threads a block
 
 // One block: kTransposeTile pixels of an image, every (padded) channel in steps of
-// kTransposeTile, for the images blockIdx.y, + gridDim.y, ... (gridDim.y is at most 65535). Reads
-// run along pixels (coalesced for NCHW-like sources), writes along channels (coalesced in the
-// channels-last operand), through a shared-memory tile. With kMaskSums (masked input,
-// multi-channel mask) it also writes the channel sum of the mask per pixel into plane[n][pixel]
-// for the images the mask has.
+// kTransposeTile, for the images blockIdx.y, + gridDim.y, ... (gridDim.y is at most 65535),
+// through a shared-memory tile: reads run along pixels (coalesced for an NCHW-like source) or,
+// with channels_fastest (a channels-last source), along channels; writes run along channels
+// (coalesced in the channels-last operand). With kMaskSums (masked input, multi-channel mask,
+// read along pixels) it also writes the channel sum of the mask per pixel into plane[n][pixel] for
+// the images the mask has, each in a fixed order.
 // (With only the thread count as bound, ptxas capped some variants at 32 registers and spilled;
 // the explicit minimum of one block per multiprocessor leaves it the full budget.)
 template <class Source, typename E, typename acc_t, typename index_t, bool kMaskSums>
 __global__ void __launch_bounds__(kTransposeTile * kTransposeRows, 1)
     to_channels_last_kernel(const Source source, const ChannelsLast<StorageOf<E>, index_t> out, index_t batch,
-                            const GridDecode<index_t> grid, const Divider<index_t> padded, acc_t* plane,
-                            index_t plane_images) {
+                            const GridDecode<index_t> grid, const Divider<index_t> padded, bool channels_fastest,
+                            acc_t* plane, index_t plane_images) {
   __shared__ acc_t tile[kTransposeTile][kTransposeTile + 1];
   __shared__ acc_t sums[kTransposeRows][kTransposeTile];
   const int tx = int(threadIdx.x) % kTransposeTile, ty = int(threadIdx.x) / kTransposeTile;
   const index_t pixel0 = index_t(blockIdx.x) * kTransposeTile;
-  const index_t pixel = pixel0 + tx;  // the pixel this thread reads
-  const bool pixel_valid = pixel < out.pixels;
-  index_t image_index, x[kDims];
-  grid.decode(pixel_valid ? pixel : index_t(0), image_index, x);
   const index_t total = out.groups * out.padded;
+  // Reading along pixels, the thread's pixel is the same for every channel: decoded once.
+  index_t image_index, x[kDims];
+  grid.decode(pixel0 + tx < out.pixels ? pixel0 + tx : index_t(0), image_index, x);
   for (index_t n = index_t(blockIdx.y); n < batch; n += index_t(gridDim.y)) {
     acc_t mask_sum = acc_t(0);
     for (index_t c0 = 0; c0 < total; c0 += kTransposeTile) {
       for (int j = ty; j < kTransposeTile; j += kTransposeRows) {
-        const index_t pc = c0 + j;  // padded channel
+        const int cj = channels_fastest ? tx : j, pj = channels_fastest ? j : tx;  // within the tile
+        const index_t pc = c0 + cj, pixel = pixel0 + pj;  // padded channel, pixel
         const index_t group = padded.div(pc), c = pc - group * out.padded;
         acc_t value = acc_t(0);
-        if (pixel_valid && pc < total && c < out.channels) {
+        if (pixel < out.pixels && pc < total && c < out.channels) {
           const index_t channel = group * out.channels + c;
-          value = source(n, channel, pixel, x);
-          if constexpr (kMaskSums) mask_sum += source.mask_value(n, channel, x);
+          if (channels_fastest) {
+            index_t xj[kDims];
+            grid.decode(pixel, image_index, xj);
+            value = source(n, channel, pixel, xj);
+          } else {
+            value = source(n, channel, pixel, x);
+            if constexpr (kMaskSums) mask_sum += source.mask_value(n, channel, x);
+          }
         }
-        tile[j][tx] = value;
+        tile[cj][pj] = value;
       }
       __syncthreads();
       for (int j = ty; j < kTransposeTile; j += kTransposeRows) {
@@ -221,10 +228,10 @@ __global__ void __launch_bounds__(kTransposeTile * kTransposeRows, 1)
     if constexpr (kMaskSums) {
       sums[ty][tx] = mask_sum;
       __syncthreads();
-      if (ty == 0 && pixel_valid && n < plane_images) {
+      if (ty == 0 && pixel0 + tx < out.pixels && n < plane_images) {
         acc_t s = acc_t(0);
         for (int r = 0; r < kTransposeRows; ++r) s += sums[r][tx];
-        plane[n * out.pixels + pixel] = s;
+        plane[n * out.pixels + pixel0 + tx] = s;
       }
       __syncthreads();
     }
