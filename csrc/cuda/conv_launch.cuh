@@ -23,29 +23,6 @@ namespace cuda {
 // CUDA cores.
 enum class ElementKind { kHalf, kBFloat16, kTf32, kFloat, kDouble };
 
-template <ElementKind kind>
-struct ElementOf;
-template <>
-struct ElementOf<ElementKind::kHalf> {
-  using type = c10::Half;
-};
-template <>
-struct ElementOf<ElementKind::kBFloat16> {
-  using type = c10::BFloat16;
-};
-template <>
-struct ElementOf<ElementKind::kTf32> {
-  using type = Tf32;
-};
-template <>
-struct ElementOf<ElementKind::kFloat> {
-  using type = float;
-};
-template <>
-struct ElementOf<ElementKind::kDouble> {
-  using type = double;
-};
-
 template <typename scalar_t>
 ElementKind element_kind(bool allow_tf32) {
   if constexpr (std::is_same<scalar_t, c10::Half>::value) return ElementKind::kHalf;
@@ -153,7 +130,6 @@ PhasePlan phase_plan(const ConvShape<index_t>& g, index_t r) {
 
 // Everything the launches of one call need, decided on the host from the shapes alone.
 struct ConvPlan {
-  ElementKind element;
   bool index64;
   int chunk;                     // elements of a 16-byte chunk
   int block_m, block_n, stages;  // block tile and pipeline depth of the forward and grad_input GEMMs
@@ -182,14 +158,13 @@ struct TileShape {
 };
 
 template <typename E>
-ConvPlan plan_conv(const ConvGeometry& g, ElementKind kind, const DeviceInfo& device, bool forward,
+ConvPlan plan_conv(const ConvGeometry& g, const DeviceInfo& device, bool forward,
                    std::initializer_list<int64_t> tensor_extents) {
   using Storage = StorageOf<E>;
   using acc_t = typename GemmTraits<E, true>::Accumulator;
   using Shape = TileShape<E, true>;
   using WeightShape = TileShape<E, false>;
   ConvPlan plan{};
-  plan.element = kind;
   plan.chunk = kChunkElements<E>;
   plan.block_m = Shape::kM, plan.block_n = Shape::kN, plan.stages = GemmTraits<E, true>::kStages;
   const int64_t cin_g = g.in_channels_per_group(), cout_g = g.out_channels_per_group();

@@ -118,8 +118,6 @@ struct TensorCoreMma {
   static constexpr int kTilesM = kWarpM / 16, kTilesN = kWarpN / 8;
   static constexpr int kMmaK = kTf32 ? 8 : 16;
   static constexpr int kBlockK = kChunkElements<E> * 4;  // 64 bytes
-  static constexpr const char* kName = kTf32 ? "TF32 tensor cores (mma.sync m16n8k8)"
-                                              : "tensor cores (mma.sync m16n8k16)";
   using Accumulator = float;
   using TileA = typename std::conditional<kKContiguous, KContiguousTile<kBlockM>,
                                           MNContiguousTile<kBlockK, kBlockM * int(sizeof(StorageOf<E>)), kTf32 ? 1 : 0>>::type;
@@ -244,7 +242,6 @@ struct SimtMma {
   static constexpr int kThreads = kThreadsM * kThreadsN;
   static constexpr int kChunk = kChunkElements<T>;
   static constexpr int kBlockK = kChunk * 4;
-  static constexpr const char* kName = "CUDA cores";
   using Accumulator = T;
   using TileA = typename std::conditional<kKContiguous, KContiguousTile<kBlockM>,
                                           MNContiguousTile<kBlockK, kBlockM * int(sizeof(T)), 0>>::type;
@@ -328,13 +325,11 @@ using WarpMma = typename std::conditional<std::is_same<E, double>::value || std:
 // Everything the mainloop needs to know about a kernel, in one place.
 template <typename E, bool kKContiguous>
 struct GemmTraits {
-  using Element = E;
   using Storage = StorageOf<E>;
   using Mma = WarpMma<E, kKContiguous>;
   using Accumulator = typename Mma::Accumulator;
   using TileA = typename Mma::TileA;
   using TileB = typename Mma::TileB;
-  static constexpr bool kKContiguousOperands = kKContiguous;
   static constexpr int kBlockM = Mma::kBlockM, kBlockN = Mma::kBlockN, kBlockK = Mma::kBlockK;
   static constexpr int kThreads = Mma::kThreads;
   static constexpr int kChunk = kChunkElements<E>;

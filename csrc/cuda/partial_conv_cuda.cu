@@ -99,11 +99,11 @@ const char* core_name(cuda::ElementKind kind) {
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 template <typename E>
-cuda::ConvPlan plan_call(const ConvGeometry& g, cuda::ElementKind kind, int device, bool forward,
+cuda::ConvPlan plan_call(const ConvGeometry& g, int device, bool forward,
                          std::initializer_list<at::Tensor> tensors) {
   int64_t extent = 0;
   for (const at::Tensor& t : tensors) extent = std::max(extent, offset_extent(t));
-  return cuda::plan_conv<E>(g, kind, device_info(device), forward, {extent});
+  return cuda::plan_conv<E>(g, device_info(device), forward, {extent});
 }
 
 std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::Tensor>& mask,
@@ -118,8 +118,8 @@ std::string forward_path_cuda(const at::Tensor& input, const std::optional<at::T
     const cuda::ElementKind kind = cuda::element_kind<scalar_t>(allow_tf32());
     with_element<scalar_t>(kind, [&](auto element) {
       using E = decltype(element);
-      const cuda::ConvPlan forward = plan_call<E>(g, kind, input.get_device(), true, {input, mask.value_or(at::Tensor()), weight});
-      const cuda::ConvPlan backward = plan_call<E>(g, kind, input.get_device(), false, {input, mask.value_or(at::Tensor()), weight});
+      const cuda::ConvPlan forward = plan_call<E>(g, input.get_device(), true, {input, mask.value_or(at::Tensor()), weight});
+      const cuda::ConvPlan backward = plan_call<E>(g, input.get_device(), false, {input, mask.value_or(at::Tensor()), weight});
       text = c10::str("cuda: implicit GEMM, ", cuda::describe_plan(forward, true, core_name(kind)),
                       "; the masked input converted once to channels-last ", g.groups > 1 ? "(channels padded per group) " : "",
                       "and the mask's window sums computed once per output position; tiles of holes only skip ",
@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cuda(
     const cuda::ElementKind kind = cuda::element_kind<scalar_t>(allow_tf32());
     with_element<scalar_t>(kind, [&](auto element) {
       using E = decltype(element);
-      const cuda::ConvPlan plan = plan_call<E>(g, kind, input.get_device(), true, {input, mask_t, weight, output});
+      const cuda::ConvPlan plan = plan_call<E>(g, input.get_device(), true, {input, mask_t, weight, output});
       const at::Tensor workspace = at::empty({plan.workspace.bytes}, input.options().dtype(at::kByte));
       const cuda::ForwardArgs<scalar_t, acc_t> args{g,
                                                     problem.activation,
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cuda(
     const cuda::ElementKind kind = cuda::element_kind<scalar_t>(allow_tf32());
     with_element<scalar_t>(kind, [&](auto element) {
       using E = decltype(element);
-      const cuda::ConvPlan plan = plan_call<E>(g, kind, input.get_device(), false,
+      const cuda::ConvPlan plan = plan_call<E>(g, input.get_device(), false,
                                                {grad_output, input, mask_t, weight, output_t, grad_input});
       const at::Tensor workspace = at::empty({plan.workspace.bytes}, input.options().dtype(at::kByte));
       const cuda::BackwardArgs<scalar_t, acc_t> args{g,

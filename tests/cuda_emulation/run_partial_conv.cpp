@@ -130,9 +130,8 @@ template <typename E>
 void print_plan(const CaseHeader& h) {
   const ConvGeometry g = geometry_of(h);
   const pc::DeviceInfo device{int(h.multiprocessors)};
-  const pc::ElementKind kind = pc::ElementKind::kHalf;
-  const pc::ConvPlan forward = pc::plan_conv<E>(g, kind, device, true, {int64_t(0)});
-  const pc::ConvPlan backward = pc::plan_conv<E>(g, kind, device, false, {int64_t(0)});
+  const pc::ConvPlan forward = pc::plan_conv<E>(g, device, true, {int64_t(0)});
+  const pc::ConvPlan backward = pc::plan_conv<E>(g, device, false, {int64_t(0)});
   std::printf("forward %lld\n", (long long)forward.forward_blocks);
   std::printf("grad_weight %lld\n", (long long)backward.grad_weight_blocks);
   // The phases of one launch fill the GPU together.
@@ -167,7 +166,6 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_size, false);
   Buffer<acc_t> mask_scales(g.mask_batch, 2, g.out_size, false);
   const Activation activation = static_cast<Activation>(h.activation);
-  const pc::ElementKind kind = pc::element_kind<scalar_t>(h.tf32 != 0);
   const pc::DeviceInfo device{int(h.multiprocessors)};
 
   pc::ForwardArgs<scalar_t, acc_t> forward{g,
@@ -180,7 +178,7 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
                                            output.template ref<scalar_t>(),
                                            updated_mask.data.data(),
                                            mask_scales.data.data()};
-  pc::ConvPlan plan = pc::plan_conv<E>(g, kind, device, true, {int64_t(0)});
+  pc::ConvPlan plan = pc::plan_conv<E>(g, device, true, {int64_t(0)});
   plan.index64 = plan.index64 || h.index64 != 0;
   std::vector<unsigned char> workspace(size_t(plan.workspace.bytes) + 256);
   std::printf("forward: %s\n", pc::describe_plan(plan, true, "emulated").c_str());
@@ -208,7 +206,7 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
       h.need_input ? grad_input.template ref<scalar_t>() : pc::TensorRef<scalar_t, int64_t>{},
       h.need_weight ? grad_weight.data.data() : nullptr,
       h.need_bias && h.has_bias ? grad_bias.data.data() : nullptr};
-  plan = pc::plan_conv<E>(g, kind, device, false, {int64_t(0)});
+  plan = pc::plan_conv<E>(g, device, false, {int64_t(0)});
   plan.index64 = plan.index64 || h.index64 != 0;
   workspace.assign(size_t(plan.workspace.bytes) + 256, 0xCD);
   std::printf("backward: %s\n", pc::describe_plan(plan, false, "emulated").c_str());
