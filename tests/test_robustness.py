@@ -21,10 +21,13 @@ CPU_PATHS = ["dense", "packed"]
 
 
 def run_python(code, **env):
-    """Runs code in a fresh interpreter with this package; returns the CompletedProcess."""
+    """Runs code in a fresh interpreter with the package these tests imported (the installed one, or
+    the in-place build); returns the CompletedProcess. It runs in PACKAGE_ROOT, because `python -c`
+    puts its working directory first on sys.path: in the source tree of an installed package, the
+    unbuilt source directory would shadow it."""
     environment = dict(os.environ, PYTHONPATH=PACKAGE_ROOT, **env)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=environment, timeout=300)
+                          env=environment, cwd=PACKAGE_ROOT, timeout=300)
 
 
 def assert_ran(result):
