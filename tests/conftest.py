@@ -4,6 +4,7 @@ import os
 import shutil
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def stable_seed(case):
+    """A seed from the case itself, the same in every process (hash() of a str is salted per
+    process), so that a failure reproduces from its test id."""
+    return zlib.crc32(str(case).encode()) % 1000
 
 
 def random_mask(kind, n, channels, *spatial, generator, dtype=torch.float64, hole_ratio=0.4):
