@@ -3,6 +3,7 @@ dimensions."""
 from importlib.metadata import PackageNotFoundError, version
 
 from . import _extension  # noqa: F401  (loads the ops; fails clearly on a torch mismatch)
+from . import backends
 from .modules import PartialConv1d, PartialConv2d, PartialConv3d
 from .ops import partial_conv1d, partial_conv2d, partial_conv3d
 from .reference import partial_conv_reference
@@ -15,5 +16,5 @@ except PackageNotFoundError:  # built in place for development, not installed
 __all__ = [
     "PartialConv1d", "PartialConv2d", "PartialConv3d",
     "partial_conv1d", "partial_conv2d", "partial_conv3d",
-    "partial_conv_reference", "__version__",
+    "partial_conv_reference", "backends", "__version__",
 ]

@@ -21,9 +21,13 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 CUDA = torch.cuda.is_available()
-# Where the op runs: the CPU's two paths, each forced (PARTIALCONV_CPU_PATH), and CUDA.
+# Where the op runs: the CPU's paths, each forced (PARTIALCONV_CPU_PATH; "vendor" is the code of
+# the CUDA vendor path, run here on the CPU), and CUDA's two paths, each forced
+# (PARTIALCONV_CUDA_PATH).
 BACKENDS = [pytest.param("cpu:dense", id="cpu-dense"), pytest.param("cpu:packed", id="cpu-packed"),
-            pytest.param("cuda", marks=pytest.mark.cuda)]
+            pytest.param("cpu:vendor", id="cpu-vendor"),
+            pytest.param("cuda:fused", id="cuda-fused", marks=pytest.mark.cuda),
+            pytest.param("cuda:vendor", id="cuda-vendor", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -31,9 +35,8 @@ def device(request, monkeypatch):
     """The device a test runs on; for the CPU also the path its kernels take. On CUDA float32 runs
     exactly (TF32 off, as these tests compare with float32 tolerances); tests/test_cuda.py checks
     the TF32 kernels."""
-    device, _, cpu_path = request.param.partition(":")
-    if cpu_path:
-        monkeypatch.setenv("PARTIALCONV_CPU_PATH", cpu_path)
+    device, _, path = request.param.partition(":")
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH" if device == "cpu" else "PARTIALCONV_CUDA_PATH", path)
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     return device

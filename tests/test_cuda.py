@@ -1,13 +1,33 @@
 """CUDA-only checks (the shared grid in the other files also runs on CUDA through the device
-fixture):
-CPU/CUDA agreement on large shapes, 64-bit indexing, CUDA graphs, streams, determinism."""
+fixture), each on both CUDA paths (the fused kernels and the vendor path, forced):
+CPU/CUDA agreement on large shapes, 64-bit indexing, CUDA graphs, streams, determinism; and the
+choice between the paths (partialconv_cuda.backends.benchmark, shapes only the vendor path takes)."""
 import pytest
 import torch
 
+import partialconv_cuda
 from conftest import random_problem
 from partialconv_cuda import PartialConv2d, info, partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
 
 pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(params=["fused", "vendor"], autouse=True)
+def cuda_path(request, monkeypatch):
+    """Every test here runs on each CUDA path, forced; tests of the choice unset it."""
+    monkeypatch.setenv("PARTIALCONV_CUDA_PATH", request.param)
+    return request.param
+
+
+@pytest.fixture
+def benchmark_mode(monkeypatch):
+    """partialconv_cuda.backends.benchmark on, nothing measured yet, no path forced."""
+    monkeypatch.delenv("PARTIALCONV_CUDA_PATH")
+    partialconv_cuda.backends.clear_measured_paths()
+    partialconv_cuda.backends.benchmark = True
+    yield
+    partialconv_cuda.backends.benchmark = False
+    partialconv_cuda.backends.clear_measured_paths()
 
 
 def cuda_copy(tensors):
@@ -145,13 +165,14 @@ def test_cpu_and_cuda_agree_in_1d_and_3d(dims):
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False])
-def test_float32_follows_the_cudnn_tf32_flag(allow_tf32, monkeypatch):
+def test_float32_follows_the_cudnn_tf32_flag(allow_tf32, monkeypatch, cuda_path):
     """float32 runs on TF32 tensor cores when torch.backends.cudnn.allow_tf32 (conv2d's flag,
-    default True) allows it, else exactly on CUDA cores."""
+    default True) allows it, else exactly on CUDA cores (cuDNN follows the same flag)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow_tf32)
     x, m, w, b = cuda_copy(random_problem(n=2, cin=64, cout=64, size=(32, 32), dtype=torch.float32, seed=6))
     path = info.forward_path(x, m, w, padding=1)
-    assert ("TF32 tensor cores" in path) == allow_tf32 and ("exactly on CUDA cores" in path) != allow_tf32
+    if cuda_path == "fused":
+        assert ("TF32 tensor cores" in path) == allow_tf32 and ("exactly on CUDA cores" in path) != allow_tf32
     out, _ = partial_conv2d(x, m, w, b, padding=1)
     ref, _ = partial_conv_reference(*[t.double() for t in (x, m, w, b)], padding=1)
     error = ((out.double() - ref).abs().max() / ref.abs().max()).item()
@@ -166,3 +187,91 @@ def test_more_images_than_a_grid_dimension_holds():
     out, _ = partial_conv2d(x, m, w, None, padding=1)
     ref, _ = partial_conv_reference(x[-5:].double(), m[-5:].double(), w.double(), None, padding=1)
     torch.testing.assert_close(out[-5:].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_path_names_the_forced_path(cuda_path):
+    x, m, w, _ = cuda_copy(random_problem(n=1, cin=3, cout=4, size=(32, 32), dtype=torch.float32))
+    path = info.forward_path(x, m, w, padding=1)
+    assert path.startswith(f"cuda: {cuda_path}") and "forced by PARTIALCONV_CUDA_PATH" in path
+
+
+def test_the_paths_agree(cuda_path, monkeypatch):
+    """The forced path against the other one, in 16-bit, forward and backward."""
+    x, m, w, b = cuda_copy(random_problem(n=2, cin=32, cout=48, size=(40, 36), mask="multi", dtype=torch.float16,
+                                          seed=8))
+    results = {}
+    for path in ("fused", "vendor"):
+        monkeypatch.setenv("PARTIALCONV_CUDA_PATH", path)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        out, updated = partial_conv2d(leaves[0], m, leaves[1], leaves[2], stride=2, padding=1, activation="relu")
+        out.backward(torch.ones_like(out))
+        results[path] = [out, updated] + [t.grad for t in leaves]
+    for fused, vendor in zip(results["fused"], results["vendor"]):
+        scale = fused.float().abs().max().clamp_min(1)
+        torch.testing.assert_close(vendor.float() / scale, fused.float() / scale, rtol=0, atol=2e-2)
+
+
+def test_benchmark_mode_times_once_per_call_and_reuses(benchmark_mode):
+    x, m, w, b = cuda_copy(random_problem(n=2, cin=16, cout=32, size=(48, 48), dtype=torch.float32, seed=9))
+    assert "the default until measured" in info.forward_path(x, m, w, padding=1)
+    ref, _ = partial_conv_reference(*[t.double() for t in (x, m, w, b)], padding=1)
+    for _ in range(2):  # the first call times both paths, the second reuses the measurement
+        out, _ = partial_conv2d(x, m, w, b, padding=1)
+        torch.testing.assert_close(out.double(), ref, rtol=5e-3, atol=5e-3)
+        path = info.forward_path(x, m, w, padding=1)
+        assert "measured on the first call: fused" in path.split("(backward")[0], path
+    # another layout is another call
+    assert "the default until measured" in info.forward_path(x.to(memory_format=torch.channels_last), m, w, padding=1)
+
+
+def test_deterministic_mode_never_times(benchmark_mode):
+    x, m, w, b = cuda_copy(random_problem(n=2, cin=16, cout=32, size=(48, 48), dtype=torch.float32, seed=9))
+    torch.use_deterministic_algorithms(True)
+    try:
+        partial_conv2d(x, m, w, b, padding=1)
+        path = info.forward_path(x, m, w, padding=1)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert "deterministic algorithms: never timed" in path
+    assert "the default until measured" in info.forward_path(x, m, w, padding=1)
+
+
+def test_graph_capture_never_times(benchmark_mode):
+    layer = PartialConv2d(8, 16, 3, padding=1, return_mask=True).cuda()
+    x = torch.randn(2, 8, 32, 32, device="cuda")
+    m = (torch.rand(2, 1, 32, 32, device="cuda") > 0.4).float()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.graph(graph):  # a timing sync inside the capture would fail it
+            static_out, _ = layer(x, m)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref, _ = partial_conv_reference(x, m, layer.weight.detach(), layer.bias.detach(), padding=1)
+    torch.testing.assert_close(static_out, ref, rtol=1e-4, atol=1e-4)
+    assert "the default until measured" in info.forward_path(x, m, layer.weight, padding=1)
+
+
+def test_shapes_the_fused_kernels_do_not_take_run_on_the_vendor_path(monkeypatch):
+    """More groups than gridDim.z holds: the vendor path takes them unless fused is forced."""
+    groups = 70000
+    x = torch.randn(1, groups, 6, 6, device="cuda")
+    m = (torch.rand(1, 1, 6, 6, device="cuda") > 0.3).float()
+    w = torch.randn(groups, 1, 3, 3, device="cuda")
+    with pytest.raises(ValueError, match="PARTIALCONV_CUDA_PATH=fused, but the fused kernels do not take this call"):
+        monkeypatch.setenv("PARTIALCONV_CUDA_PATH", "fused")
+        partial_conv2d(x, m, w, None, padding=1, groups=groups)
+    monkeypatch.delenv("PARTIALCONV_CUDA_PATH")
+    assert "the fused kernels do not take this call: groups must be at most" in info.forward_path(
+        x, m, w, padding=1, groups=groups)
+    out, _ = partial_conv2d(x, m, w, None, padding=1, groups=groups)
+    ref, _ = partial_conv_reference(x[:, -3:].double(), m.double(), w[-3:].double(), None, padding=1, groups=3)
+    torch.testing.assert_close(out[:, -3:].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bad_path_name_is_refused(monkeypatch):
+    monkeypatch.setenv("PARTIALCONV_CUDA_PATH", "fast")
+    x, m, w, _ = cuda_copy(random_problem(n=1, cin=3, cout=4, size=(8, 8), dtype=torch.float32))
+    with pytest.raises(ValueError, match="PARTIALCONV_CUDA_PATH must be 'auto', 'fused' or 'vendor'"):
+        partial_conv2d(x, m, w, None, padding=1)

@@ -65,12 +65,13 @@ def test_forward_path_reports_the_cpu_choice(monkeypatch):
     monkeypatch.setenv("PARTIALCONV_CPU_PATH", "packed")
     assert "forced by PARTIALCONV_CPU_PATH=packed" in info.forward_path(x, mostly_valid, w, padding=1)
     monkeypatch.setenv("PARTIALCONV_CPU_PATH", "fast")
-    with pytest.raises(ValueError, match="PARTIALCONV_CPU_PATH must be 'auto', 'dense' or 'packed'"):
+    with pytest.raises(ValueError, match="PARTIALCONV_CPU_PATH must be 'auto', 'dense', 'packed' or 'vendor'"):
         info.forward_path(x, mostly_valid, w, padding=1)
 
 
 @pytest.mark.cuda
-def test_forward_path_reports_the_cuda_kernels():
+def test_forward_path_reports_the_cuda_kernels(monkeypatch):
+    monkeypatch.setenv("PARTIALCONV_CUDA_PATH", "fused")
     x = torch.randn(1, 3, 32, 32, device="cuda")
     path = info.forward_path(x, None, torch.randn(4, 3, 3, 3, device="cuda"), padding=1)
-    assert path.startswith("cuda: implicit GEMM") and "32-bit indexing" in path
+    assert path.startswith("cuda: fused implicit GEMM") and "32-bit indexing" in path

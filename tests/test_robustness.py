@@ -17,7 +17,7 @@ from partialconv_cuda import partial_conv1d, partial_conv2d, partial_conv3d, par
 FORWARD = torch.ops.partialconv_cuda.partial_conv_forward.default
 BACKWARD = torch.ops.partialconv_cuda.partial_conv_backward.default
 PACKAGE_ROOT = str(Path(partialconv_cuda.__file__).resolve().parent.parent)
-CPU_PATHS = ["dense", "packed"]
+CPU_PATHS = ["dense", "packed", "vendor"]
 
 
 def run_python(code, **env):

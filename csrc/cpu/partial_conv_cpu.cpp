@@ -1,5 +1,6 @@
 // CPU backend of partial_conv (1, 2 and 3 spatial dimensions): checks, the mask scales, the choice
-// between the two paths of paths.h, and the registration with the dispatcher.
+// between the two paths of paths.h (or the vendor path of ../vendor_path.h, when forced), and the
+// registration with the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -11,6 +12,7 @@
 #include <string_view>
 
 #include "../partial_conv.h"
+#include "../vendor_path.h"
 #include "mask_scales.h"
 #include "paths.h"
 
@@ -25,27 +27,36 @@ namespace {
 constexpr double kForwardPackedBelowValidFraction = 0.25;
 constexpr double kBackwardPackedBelowValidFraction = 0.3;
 
-enum class CpuPath { kDenseBands, kPackedPositions };
+// kVendor, the CUDA vendor path's device-generic code, runs only when forced: it is here so that
+// machines without a GPU test that code.
+enum class CpuPath { kDenseBands, kPackedPositions, kVendor };
 enum class Pass { kForward, kBackward };
 
 const char* path_name(CpuPath path) {
-  return path == CpuPath::kDenseBands ? "dense bands through ATen's convolution"
-                                      : "packed positions (im2col of valid positions only) and GEMM";
+  switch (path) {
+    case CpuPath::kDenseBands: return "dense bands through ATen's convolution";
+    case CpuPath::kPackedPositions: return "packed positions (im2col of valid positions only) and GEMM";
+    case CpuPath::kVendor: return "vendor path (X*M through ATen's convolution, the CUDA vendor path's code)";
+  }
+  return "";
 }
 
-// PARTIALCONV_CPU_PATH=dense or packed forces a path (tests run both); otherwise the valid
-// fraction decides.
+// PARTIALCONV_CPU_PATH=dense, packed or vendor forces a path (tests run each); otherwise the valid
+// fraction decides between dense and packed.
 const char* forced_path() {
   const char* forced = std::getenv("PARTIALCONV_CPU_PATH");
   if (forced == nullptr || *forced == '\0' || std::string_view(forced) == "auto") return nullptr;
-  TORCH_CHECK_VALUE(std::string_view(forced) == "dense" || std::string_view(forced) == "packed",
-                    "PARTIALCONV_CPU_PATH must be 'auto', 'dense' or 'packed', got '", forced, "'");
+  const std::string_view name(forced);
+  TORCH_CHECK_VALUE(name == "dense" || name == "packed" || name == "vendor",
+                    "PARTIALCONV_CPU_PATH must be 'auto', 'dense', 'packed' or 'vendor', got '", forced, "'");
   return forced;
 }
 
 CpuPath choose_path(double valid, Pass pass) {
-  if (const char* forced = forced_path())
-    return std::string_view(forced) == "dense" ? CpuPath::kDenseBands : CpuPath::kPackedPositions;
+  if (const char* forced = forced_path()) {
+    const std::string_view name(forced);
+    return name == "dense" ? CpuPath::kDenseBands : name == "packed" ? CpuPath::kPackedPositions : CpuPath::kVendor;
+  }
   const double threshold =
       pass == Pass::kForward ? kForwardPackedBelowValidFraction : kBackwardPackedBelowValidFraction;
   return valid < threshold ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
@@ -85,10 +96,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_forward_cpu", [&] {
     compute_mask_scales<scalar_t>(mask_t, problem.geometry, mask_scales, updated_mask);
     if (output.numel() == 0) return;
-    if (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kForward) == CpuPath::kDenseBands)
-      forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
-    else
-      forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
+    switch (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kForward)) {
+      case CpuPath::kDenseBands: return forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
+      case CpuPath::kPackedPositions: return forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
+      case CpuPath::kVendor: return vendor::forward(input, mask_t, weight, bias_t, problem, mask_scales, output);
+    }
   });
   return {output, updated_mask, mask_scales};
 }
@@ -112,12 +124,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
   const at::Tensor output_t =
       problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_backward_cpu", [&] {
-    if (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kBackward) == CpuPath::kDenseBands)
-      backward_bands<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
-                               output_mask, grad_input, grad_weight, grad_bias);
-    else
-      backward_packed<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
-                                output_mask, grad_input, grad_weight, grad_bias);
+    switch (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kBackward)) {
+      case CpuPath::kDenseBands:
+        return backward_bands<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
+                                        output_mask, grad_input, grad_weight, grad_bias);
+      case CpuPath::kPackedPositions:
+        return backward_packed<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
+                                         output_mask, grad_input, grad_weight, grad_bias);
+      case CpuPath::kVendor:
+        return vendor::backward(grad_output, input, mask_t, weight, output_t, mask_scales, problem, output_mask,
+                                grad_input, grad_weight, grad_bias);
+    }
   });
   return {grad_input, grad_weight, grad_bias};
 }

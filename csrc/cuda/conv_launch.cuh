@@ -397,6 +397,17 @@ void set_gather_operands(typename Problem::Params& p, index_t cols, const typena
   p.b_group = cols * p.b_row;
 }
 
+// S, ratio and U of every output position (mask_scales, updated_mask), from `plane` (the channel
+// sums of a multi-channel mask, contiguous (mask_batch, *in spatial)) or else the mask itself.
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void run_mask_scales(const ConvShape<index_t>& g, const TensorRef<const scalar_t, index_t>& mask, const acc_t* plane,
+                     acc_t* mask_scales, scalar_t* updated_mask, cudaStream_t stream, AfterLaunch&& after_launch) {
+  const MaskScalesArgs<scalar_t, acc_t, index_t> args{g, grid_of(g.out_size), plane, mask, mask_scales, updated_mask};
+  launch_kernel(mask_scales_kernel<scalar_t, acc_t, index_t>, elementwise_grid(int64_t(g.mask_batch) * g.out_positions()),
+                dim3(kElementwiseThreads), 0, stream, args);
+  after_launch();
+}
+
 template <typename E, typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
 void run_forward(const ForwardArgs<scalar_t, acc_t>& args, const ConvPlan& plan, unsigned char* workspace,
                  cudaStream_t stream, AfterLaunch&& after_launch) {
@@ -417,12 +428,8 @@ void run_forward(const ForwardArgs<scalar_t, acc_t>& args, const ConvPlan& plan,
   after_launch();
   launch_masked_input<E, scalar_t, acc_t, index_t>(g, args.input, args.mask, plan, xm, plane, stream, after_launch);
 
-  MaskScalesArgs<scalar_t, acc_t, index_t> scales{g, grid_of(g.out_size), plane,
-                                                  narrow_ref<const scalar_t, index_t>(args.mask), args.mask_scales,
-                                                  args.updated_mask};
-  launch_kernel(mask_scales_kernel<scalar_t, acc_t, index_t>, elementwise_grid(int64_t(g.mask_batch) * g.out_positions()),
-                dim3(kElementwiseThreads), 0, stream, scales);
-  after_launch();
+  run_mask_scales<scalar_t, acc_t, index_t>(g, narrow_ref<const scalar_t, index_t>(args.mask), plane, args.mask_scales,
+                                            args.updated_mask, stream, after_launch);
 
   typename Problem::Params p{};
   const coord_t stride[kDims] = {coord_t(g.stride[0]), coord_t(g.stride[1]), coord_t(g.stride[2])};
