@@ -1,5 +1,6 @@
 """The contenders: every way of computing one layer that the benchmark compares (PConvUNet's in
 2-D, the video and speech suites' in 3-D and 1-D)."""
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -15,7 +16,10 @@ from partialconv_cuda.models import DECODER_NEGATIVE_SLOPE
 
 SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED = "seed", "nvidia", "conv2d", "ours", "ours_compiled"
 CONV1D, CONV3D, NVIDIA_PC3D = "conv1d", "conv3d", "nvidia_pc3d"
-CONTENDERS = (SEED, NVIDIA, CONV2D, OURS, OURS_COMPILED)  # of the 2-D suites
+OURS_FUSED, OURS_VENDOR = "ours_fused", "ours_vendor"
+# ours with each CUDA path forced (PARTIALCONV_CUDA_PATH), forward and backward: on CUDA only.
+CUDA_PATHS = {OURS_FUSED: "fused", OURS_VENDOR: "vendor"}
+CONTENDERS = (SEED, NVIDIA, CONV2D, OURS, OURS_FUSED, OURS_VENDOR, OURS_COMPILED)  # of the 2-D suites
 PLAIN_CONVS = {1: CONV1D, 2: CONV2D, 3: CONV3D}  # no mask: not checked against the reference
 ALL_CONTENDERS = CONTENDERS + (NVIDIA_PC3D, CONV3D, CONV1D)
 # NVIDIA's PartialConv3d is loaded at run time from a checkout of github.com/NVIDIA/partialconv
@@ -31,6 +35,9 @@ DESCRIPTIONS = {
             "mask convolution plus elementwise renormalisation",
     CONV2D: "plain F.conv2d of the same shape (no mask): the floor without skipping holes",
     OURS: "partialconv_cuda.partial_conv2d",
+    OURS_FUSED: "partialconv_cuda.partial_conv2d with the fused CUDA kernels forced (PARTIALCONV_CUDA_PATH=fused)",
+    OURS_VENDOR: "partialconv_cuda.partial_conv2d with the CUDA vendor path forced (PARTIALCONV_CUDA_PATH=vendor: "
+                 "X*M through cuDNN, window sums once per position)",
     OURS_COMPILED: "partialconv_cuda.partial_conv2d under torch.compile(fullgraph=True)",
     NVIDIA_PC3D: "NVIDIA's own PartialConv3d (models/partialconv3d.py of github.com/NVIDIA/partialconv, "
                  "loaded from --nvidia-partialconv), given the mask every call (mask_in=), multi_channel=True "
@@ -42,6 +49,8 @@ DESCRIPTIONS = {
 # `ours` and `nvidia` in the 1-D and 3-D suites: the same methods in those dimensions.
 SUITE_DESCRIPTIONS = {
     OURS: "partialconv_cuda.partial_conv1d / partial_conv2d / partial_conv3d",
+    OURS_FUSED: "ours with the fused CUDA kernels forced (PARTIALCONV_CUDA_PATH=fused)",
+    OURS_VENDOR: "ours with the CUDA vendor path forced (PARTIALCONV_CUDA_PATH=vendor)",
     NVIDIA: "NVIDIA-style pure PyTorch (partial_conv_reference, nan_safe=False): one 1-channel mask "
             "convolution plus elementwise renormalisation; in 1-D this is what NeMo's partial-padding "
             "PartialConv1d computes (it adds 1e-6 to the window sum, a relative difference below 1e-6)",
@@ -106,6 +115,23 @@ def seed_style_partial_conv2d(input, mask, weight, bias, mask_weight, stride, pa
     return activate(output, activation), new_mask
 
 
+@contextlib.contextmanager
+def forced_cuda_path(path):
+    """PARTIALCONV_CUDA_PATH=path inside (read by every call, forward and backward); None: as is."""
+    if path is None:
+        yield
+        return
+    before = os.environ.get("PARTIALCONV_CUDA_PATH")
+    os.environ["PARTIALCONV_CUDA_PATH"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PARTIALCONV_CUDA_PATH"]
+        else:
+            os.environ["PARTIALCONV_CUDA_PATH"] = before
+
+
 @dataclasses.dataclass(frozen=True)
 class Contender:
     name: str
@@ -113,6 +139,10 @@ class Contender:
     prepare: Callable
     # The timed call: returns (output, updated_mask), updated_mask None for conv2d.
     forward: Callable
+
+    def path(self):
+        """The context every call of this contender (forward, and backward with it) runs in."""
+        return forced_cuda_path(CUDA_PATHS.get(self.name))
 
 
 def make_contenders(workload, names, nvidia_partialconv=None):
@@ -171,6 +201,8 @@ def make_contenders(workload, names, nvidia_partialconv=None):
         NVIDIA: (partial_arguments, nvidia),
         PLAIN_CONVS[workload.dims]: (plain_arguments, plain),
         OURS: (partial_arguments, ours),
+        OURS_FUSED: (partial_arguments, ours),
+        OURS_VENDOR: (partial_arguments, ours),
         OURS_COMPILED: (partial_arguments, ours),
         NVIDIA_PC3D: (nvidia_layer_arguments, nvidia_layer),
     }

@@ -23,8 +23,8 @@ from partialconv_cuda import partial_conv_reference
 
 from . import THREADS_PINNED
 from .contenders import CONTENDERS as CONTENDERS_2D
-from .contenders import (ALL_CONTENDERS, NVIDIA, NVIDIA_DIR_ENV, NVIDIA_PC3D, OURS, OURS_COMPILED, PLAIN_CONVS,
-                          make_contenders, nvidia_partialconv3d_file, nvidia_partialconv_path)
+from .contenders import (ALL_CONTENDERS, CUDA_PATHS, NVIDIA, NVIDIA_DIR_ENV, NVIDIA_PC3D, OURS, OURS_COMPILED,
+                          PLAIN_CONVS, make_contenders, nvidia_partialconv3d_file, nvidia_partialconv_path)
 from .network import NETWORK, NetworkWorkload, TrainingStep, network_depth
 from .progress import Progress
 from .roofline import floor_ms, measure_peaks
@@ -204,6 +204,10 @@ def resolve_settings(args):
     layers = _names(args.layers, LAYER_NAMES, "layers") if unet2d else []
     compiled_layers = layers
     contenders = _names(args.contenders, ALL_CONTENDERS, "contenders")
+    cuda_paths = [c for c in contenders if c in CUDA_PATHS]
+    if device != "cuda" and cuda_paths:
+        contenders = [c for c in contenders if c not in CUDA_PATHS]
+        notes.append(f"{', '.join(cuda_paths)}: CUDA's two paths, each forced; not run on the {device}")
     # The file if there is one, else what was given (the contender then fails saying what is missing).
     nvidia_partialconv = nvidia_partialconv_path(args.nvidia_partialconv)
     if VIDEO3D in suites and NVIDIA_PC3D in contenders:
@@ -383,7 +387,7 @@ class Runner:
     def check(self, contender, arguments, reference, dtype):
         """Largest error of the contender's output relative to the largest float64 reference
         value; raises if it exceeds the dtype's tolerance or the updated mask differs."""
-        with torch.no_grad():
+        with torch.no_grad(), contender.path():
             output, updated_mask = contender.forward(*arguments)
         ref_output, ref_mask = reference
         error = ((output.double() - ref_output).abs().max() / ref_output.abs().max().clamp_min(1e-30)).item()
@@ -400,7 +404,7 @@ class Runner:
     @staticmethod
     def forward_call(contender, arguments, inputs):
         def call(i):
-            with torch.no_grad():
+            with torch.no_grad(), contender.path():
                 return contender.forward(*arguments[i % len(arguments)])
         return call
 
@@ -408,8 +412,9 @@ class Runner:
     def forward_backward_call(contender, arguments, inputs):
         def call(i):
             k = i % len(arguments)
-            output, _ = contender.forward(*arguments[k])
-            return torch.autograd.grad(output, inputs[k].differentiable(), inputs[k].grad_output)
+            with contender.path():
+                output, _ = contender.forward(*arguments[k])
+                return torch.autograd.grad(output, inputs[k].differentiable(), inputs[k].grad_output)
         return call
 
     @staticmethod

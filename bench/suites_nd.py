@@ -26,7 +26,7 @@ import torch
 
 from partialconv_cuda.masks import irregular_masks
 
-from .contenders import CONV1D, CONV3D, NVIDIA, NVIDIA_PC3D, OURS
+from .contenders import CONV1D, CONV3D, NVIDIA, NVIDIA_PC3D, OURS, OURS_FUSED, OURS_VENDOR
 from .workloads import (ConvCost, concatenated_mask, conv_output_size, layer_input_sizes,
                         unet_layer_masks)
 
@@ -37,7 +37,8 @@ VIDEO_NEGATIVE_SLOPE = 0.2  # the decoder's LeakyReLU, as in PConvUNet
 SHORTEST = 0.5
 SPEECH_PADDING = (1 - SHORTEST) / 2
 # The contenders of each suite, in the order of the report's columns.
-SUITE_CONTENDERS = {VIDEO3D: (NVIDIA_PC3D, NVIDIA, CONV3D, OURS), SPEECH1D: (NVIDIA, CONV1D, OURS)}
+SUITE_CONTENDERS = {VIDEO3D: (NVIDIA_PC3D, NVIDIA, CONV3D, OURS, OURS_FUSED, OURS_VENDOR),
+                    SPEECH1D: (NVIDIA, CONV1D, OURS, OURS_FUSED, OURS_VENDOR)}
 SUITE_TITLES = {VIDEO3D: "Video suite (3-D U-Net, moving holes)", SPEECH1D: "Speech suite (1-D, padded sequences)"}
 
 
