@@ -75,3 +75,19 @@ def test_forward_path_reports_the_cuda_kernels(monkeypatch):
     x = torch.randn(1, 3, 32, 32, device="cuda")
     path = info.forward_path(x, None, torch.randn(4, 3, 3, 3, device="cuda"), padding=1)
     assert path.startswith("cuda: fused implicit GEMM") and "32-bit indexing" in path
+
+
+def test_backends_benchmark_flag():
+    """partialconv_cuda.backends.benchmark reaches the library (tests/test_cuda.py checks what it
+    does on CUDA; tests/test_path_choice.py the rule itself)."""
+    backends = partialconv_cuda.backends
+    assert backends.benchmark is False
+    try:
+        backends.benchmark = True
+        assert backends.benchmark is True and partialconv_cuda._C._benchmark() is True
+        with pytest.raises(TypeError, match="must be True or False"):
+            backends.benchmark = 1
+    finally:
+        backends.benchmark = False
+    assert partialconv_cuda._C._benchmark() is False
+    backends.clear_measured_paths()
