@@ -40,8 +40,9 @@ def spatial(values, dims, fill):
     return (fill,) * (3 - dims) + values
 
 
-def run_emulated(binary, directory, case, dtype, x, m, w, b, grad, landing):
-    """Forward and backward through the emulated kernels; returns (dict of float64 tensors, stdout)."""
+def run_emulated(binary, directory, case, dtype, x, m, w, b, grad, landing, vendor=False):
+    """Forward and backward through the emulated kernels (vendor: the vendor path's passes around a
+    host convolution); returns (dict of float64 tensors, stdout)."""
     dims = x.dim() - 2
     n, cin = x.shape[:2]
     cout = w.shape[0]
@@ -58,7 +59,8 @@ def run_emulated(binary, directory, case, dtype, x, m, w, b, grad, landing):
         for t in arrays:  # without numpy, which the package does not need
             values = t.double().flatten().tolist()
             f.write(struct.pack(f"<{len(values)}d", *values))
-    result = emulation_build.run(binary, str(case_file), str(result_file), timeout=RUN_TIMEOUT_S, cp_async=landing)
+    result = emulation_build.run(binary, *(["--vendor"] if vendor else []), str(case_file), str(result_file),
+                                 timeout=RUN_TIMEOUT_S, cp_async=landing)
     assert result.returncode == 0, result.stdout + result.stderr
     values = torch.frombuffer(bytearray(result_file.read_bytes()), dtype=torch.float64)
     out_spatial = grad.shape[2:]
@@ -128,7 +130,7 @@ def compare(got, want, dtype, tf32=False):
     torch.testing.assert_close(got, want, rtol=4 * eps, atol=8 * eps * max(scale, 1.0))
 
 
-def check(case, dtype, harness, tmp_path, seed, runs=((emulation_build.ADDRESS, "wait"),)):
+def check(case, dtype, harness, tmp_path, seed, runs=((emulation_build.ADDRESS, "wait"),), vendor=False):
     inputs = make_inputs(case, dtype, seed=seed)
     if case.get("poison_holes"):  # the reference sees the clean input: NaN in holes must not matter
         clean = list(inputs)
@@ -137,7 +139,7 @@ def check(case, dtype, harness, tmp_path, seed, runs=((emulation_build.ADDRESS, 
     else:
         want = expected(case, *inputs)
     for sanitizer, landing in runs:
-        got, stdout = run_emulated(harness[sanitizer], tmp_path, case, dtype, *inputs, landing=landing)
+        got, stdout = run_emulated(harness[sanitizer], tmp_path, case, dtype, *inputs, landing=landing, vendor=vendor)
         for name in want:
             compare(got[name], want[name], dtype, tf32=case.get("tf32", False))
         assert "bank conflicts: 0\n" in stdout, stdout
@@ -235,6 +237,27 @@ def test_emulated_split_reduction(case, splits, harness, tmp_path):
     for plan in plans:
         slices = [int(n) for n in re.findall(r"reduction in (?:up to )?(\d+) slice", plan)]
         assert slices and (max(slices) > 1) == splits, plan
+
+
+# The vendor path's passes (X*M, the epilogue, dL/dconv with dL/db, M * dL/dXm, and the mask
+# scales), around a naive host convolution in cuDNN's place: every case in float64, the layouts,
+# index widths and 16-bit types on a few, NaN in holes, and the passes' one shared-memory kernel
+# (grad_bias) under ThreadSanitizer.
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_emulated_vendor_passes_float64(case, harness, tmp_path):
+    check(case, torch.float64, harness, tmp_path, seed=19, vendor=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=case_id)
+@pytest.mark.parametrize("layout", [dict(), dict(index64=1, channels_last=1)], ids=["nchw-int32", "channels_last-int64"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[13]], ids=case_id)
+def test_emulated_vendor_passes_low_precision(case, layout, dtype, harness, tmp_path):
+    check(dict(case, **layout), dtype, harness, tmp_path, seed=23, vendor=True)
+
+
+def test_emulated_vendor_passes_nan_in_holes_and_threads(harness, tmp_path):
+    check(dict(CASES[8], poison_holes=True, channels_last=1), torch.float16, harness, tmp_path, seed=29,
+          runs=emulation_build.KERNEL_TEST_RUNS, vendor=True)
 
 
 def test_dividers(harness):

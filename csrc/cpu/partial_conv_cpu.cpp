@@ -99,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
     switch (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kForward)) {
       case CpuPath::kDenseBands: return forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
       case CpuPath::kPackedPositions: return forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
-      case CpuPath::kVendor: return vendor::forward(input, mask_t, weight, bias_t, problem, mask_scales, output);
+      case CpuPath::kVendor: return vendor::forward(vendor::aten_passes(), input, mask_t, weight, bias_t, problem, mask_scales, output);
     }
   });
   return {output, updated_mask, mask_scales};
@@ -132,8 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
         return backward_packed<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
                                          output_mask, grad_input, grad_weight, grad_bias);
       case CpuPath::kVendor:
-        return vendor::backward(grad_output, input, mask_t, weight, output_t, mask_scales, problem, output_mask,
-                                grad_input, grad_weight, grad_bias);
+        return vendor::backward(vendor::aten_passes(), grad_output, input, mask_t, weight, output_t, mask_scales,
+                                problem, output_mask, grad_input, grad_weight, grad_bias);
     }
   });
   return {grad_input, grad_weight, grad_bias};

@@ -453,6 +453,15 @@ void run_forward(const ForwardArgs<scalar_t, acc_t>& args, const ConvPlan& plan,
   launch_reduce<Problem, index_t>(p, 0, p.cols, g.groups, stream, after_launch);
 }
 
+// dL/dbias per output channel (one block each), from the scaled output gradient.
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void launch_grad_bias(const ScaledOutputGradSource<scalar_t, acc_t, index_t>& output_grad, const ConvShape<index_t>& g,
+                      scalar_t* grad_bias, cudaStream_t stream, AfterLaunch&& after_launch) {
+  launch_kernel(grad_bias_kernel<scalar_t, acc_t, index_t>, dim3(unsigned(g.out_channels)), dim3(kBiasThreads), 0, stream,
+                output_grad, g.batch, grad_bias);
+  after_launch();
+}
+
 template <typename E, typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
 void run_backward(const BackwardArgs<scalar_t, acc_t>& args, const ConvPlan& plan, unsigned char* workspace,
                   cudaStream_t stream, AfterLaunch&& after_launch) {
@@ -466,11 +475,7 @@ void run_backward(const BackwardArgs<scalar_t, acc_t>& args, const ConvPlan& pla
       narrow_ref<const scalar_t, index_t>(args.grad_output), narrow_ref<const scalar_t, index_t>(args.output),
       args.mask_scales, g.mask_batch, g.out_positions(), grid_of(g.out_size), args.activation,
       args.negative_slope};
-  if (args.grad_bias != nullptr) {
-    launch_kernel(grad_bias_kernel<scalar_t, acc_t, index_t>, dim3(unsigned(g.out_channels)), dim3(kBiasThreads), 0,
-                  stream, output_grad, g.batch, args.grad_bias);
-    after_launch();
-  }
+  if (args.grad_bias != nullptr) launch_grad_bias(output_grad, g, args.grad_bias, stream, after_launch);
   if (!need_input && !need_weight) return;
   launch_tables<E, scalar_t, acc_t, index_t>(g, plan, workspace, true, stream, after_launch);
   if (g.batch > 0) {
@@ -570,6 +575,57 @@ void run_backward(const BackwardArgs<scalar_t, acc_t>& args, const ConvPlan& pla
     launch_gemm<Problem>(p, p.rows, p.cols, int64_t(g.groups) * p.splits, stream, after_launch);
     launch_reduce<Problem, index_t>(p, 0, p.cols, g.groups, stream, after_launch);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The vendor path's passes around ATen's convolution (../vendor_path.h), each one pass over a
+// (N, C, *spatial) tensor in its own layout.
+
+template <class Source, typename T, typename index_t, typename AfterLaunch>
+void run_strided_pass(const Source& source, const TensorRef<T, int64_t>& out, index_t batch, index_t channels,
+                      const index_t (&sizes)[kDims], cudaStream_t stream, AfterLaunch&& after_launch) {
+  const index_t count = batch * channels * sizes[0] * sizes[1] * sizes[2];
+  if (count == 0) return;
+  launch_kernel(strided_pass_kernel<Source, T, index_t>, elementwise_grid(count), dim3(kElementwiseThreads), 0, stream,
+                source, narrow_ref<T, index_t>(out), grid_of(sizes), Divider<index_t>::make(channels), count,
+                channels_fastest(out));
+  after_launch();
+}
+
+// out = values * M, exactly 0 where M = 0, over the input's shape: X*M forward, M * dL/dXm backward
+// (mask.data nullptr: a copy of values).
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void run_apply_mask(const ConvShape<index_t>& g, const TensorRef<const scalar_t, int64_t>& values,
+                    const TensorRef<const scalar_t, int64_t>& mask, const TensorRef<scalar_t, int64_t>& out,
+                    cudaStream_t stream, AfterLaunch&& after_launch) {
+  const MaskedInputSource<scalar_t, acc_t, index_t> source{narrow_ref<const scalar_t, index_t>(values),
+                                                           narrow_ref<const scalar_t, index_t>(mask), g.mask_batch,
+                                                           g.mask_channels};
+  run_strided_pass(source, out, g.batch, g.in_channels, g.in_size, stream, after_launch);
+}
+
+// out = act((conv * ratio + b) * U), 0 in holes, from the convolution's output.
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void run_epilogue(const ConvShape<index_t>& g, const TensorRef<const scalar_t, int64_t>& conv, const scalar_t* bias,
+                  const acc_t* mask_scales, Activation activation, acc_t negative_slope,
+                  const TensorRef<scalar_t, int64_t>& out, cudaStream_t stream, AfterLaunch&& after_launch) {
+  const EpilogueSource<scalar_t, acc_t, index_t> source{narrow_ref<const scalar_t, index_t>(conv), bias, mask_scales,
+                                                        g.mask_batch, g.out_positions(), activation, negative_slope};
+  run_strided_pass(source, out, g.batch, g.out_channels, g.out_size, stream, after_launch);
+}
+
+// dL/dconv = g * act'(out) * ratio * U into grad_conv (grad_conv.data nullptr: not needed), and
+// dL/db into grad_bias (nullptr: not needed). output.data nullptr: no activation.
+template <typename scalar_t, typename acc_t, typename index_t, typename AfterLaunch>
+void run_scale_output_grad(const ConvShape<index_t>& g, const TensorRef<const scalar_t, int64_t>& grad_output,
+                           const TensorRef<const scalar_t, int64_t>& output, const acc_t* mask_scales,
+                           Activation activation, acc_t negative_slope, const TensorRef<scalar_t, int64_t>& grad_conv,
+                           scalar_t* grad_bias, cudaStream_t stream, AfterLaunch&& after_launch) {
+  const ScaledOutputGradSource<scalar_t, acc_t, index_t> source{
+      narrow_ref<const scalar_t, index_t>(grad_output), narrow_ref<const scalar_t, index_t>(output), mask_scales,
+      g.mask_batch, g.out_positions(), grid_of(g.out_size), activation, negative_slope};
+  if (grad_bias != nullptr) launch_grad_bias(source, g, grad_bias, stream, after_launch);
+  if (grad_conv.data != nullptr) run_strided_pass(source, grad_conv, g.batch, g.out_channels, g.out_size, stream, after_launch);
 }
 
 // The element type, index width, tiles and splits a call uses, in words (for forward_path).

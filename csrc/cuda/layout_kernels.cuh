@@ -9,6 +9,8 @@
 //   weight_layout_kernel      the weight as the forward (C_out, taps, C_in) or grad_input
 //                             (C_in, taps, C_out) B operand
 //   grad_bias_kernel          dL/dbias per channel, a fixed-order tree (deterministic)
+//   strided_pass_kernel       the vendor path's passes: a (N, C, *spatial) tensor in its own layout
+//                             from a source (X*M, M*dL/dXm, the epilogue, dL/dconv)
 #pragma once
 
 #include <cstdint>
@@ -172,6 +174,24 @@ struct ScaledOutputGradSource {
   }
 };
 
+// act((conv * ratio + b) * U) at (n, c, x), 0 in holes: the vendor path's epilogue on the
+// convolution's output.
+template <typename scalar_t, typename acc_t, typename index_t>
+struct EpilogueSource {
+  TensorRef<const scalar_t, index_t> conv;
+  const scalar_t* bias;  // nullptr: no bias
+  const acc_t* mask_scales;
+  index_t mask_batch, positions;
+  Activation activation;
+  acc_t negative_slope;
+
+  __device__ acc_t operator()(index_t n, index_t c, index_t p, const index_t (&x)[kDims]) const {
+    const acc_t* image = mask_scales + (mask_batch == 1 ? index_t(0) : n) * 2 * positions;
+    return partial_conv_output(acc_t(conv.data[conv.offset(n, c, x)]), MaskScale<acc_t>{image[p], image[positions + p]},
+                               bias != nullptr ? acc_t(bias[c]) : acc_t(0), activation, negative_slope);
+  }
+};
+
 constexpr int kTransposeTile = 32;  // pixels and channels of one transpose step
 constexpr int kTransposeRows = 8;   // threads per 32 pixels: 256 threads a block
 
@@ -302,6 +322,31 @@ __global__ void weight_layout_kernel(const TensorRef<const scalar_t, index_t> we
       value = acc_t(weight.data[weight.offset(co, ci, tap)]);
     }
     out[i] = to_storage<E>(value);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// out(n, c, x) = source(n, c, p, x) for every element of a (N, C, *spatial) tensor written through
+// its strides, one grid-stride pass in the tensor's memory order: channels fastest for a
+// channels-last tensor (channels_fastest), else positions fastest. `grid` decodes the positions of
+// `images` images: N * C of them (positions fastest) or N (channels fastest, after the channel).
+template <class Source, typename T, typename index_t>
+__global__ void strided_pass_kernel(const Source source, const TensorRef<T, index_t> out, const GridDecode<index_t> grid,
+                                    const Divider<index_t> channels, index_t count, bool channels_fastest) {
+  grid_stride(count, [&](index_t i) {
+    index_t n, c, x[kDims];
+    index_t p;
+    if (channels_fastest) {
+      const index_t point = channels.div(i);
+      c = i - point * channels.divisor;
+      p = grid.decode(point, n, x);
+    } else {
+      index_t image;
+      p = grid.decode(i, image, x);
+      n = channels.div(image);
+      c = image - n * channels.divisor;
+    }
+    out.data[out.offset(n, c, x)] = static_cast<T>(source(n, c, p, x));
   });
 }
 

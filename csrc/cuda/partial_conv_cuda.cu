@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <initializer_list>
@@ -168,9 +169,74 @@ void vendor_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tenso
   });
 }
 
+// Calls f(scalar_t{}, index_t{}) for the dtype and the narrowest index type that holds every
+// element offset and element count of the tensors.
+template <typename F>
+void with_pass_types(at::ScalarType dtype, std::initializer_list<at::Tensor> tensors, F&& f) {
+  int64_t extent = 0;
+  for (const at::Tensor& t : tensors)
+    if (t.defined()) extent = std::max({extent, offset_extent(t), t.numel()});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "vendor_pass", [&] {
+    if (extent < (int64_t(1) << 31))
+      f(scalar_t{}, int32_t{});
+    else
+      f(scalar_t{}, int64_t{});
+  });
+}
+
+// The vendor path's passes on CUDA: one kernel each (cuda/layout_kernels.cuh), on the current
+// stream, every launch checked.
+class CudaPasses final : public vendor::ElementwisePasses {
+ public:
+  void apply_mask(const at::Tensor& values, const at::Tensor& mask, const ConvGeometry& g,
+                  at::Tensor& out) const override {
+    with_pass_types(values.scalar_type(), {values, mask, out}, [&](auto scalar, auto index) {
+      using scalar_t = decltype(scalar);
+      using index_t = decltype(index);
+      cuda::run_apply_mask<scalar_t, at::opmath_type<scalar_t>, index_t>(
+          g.as<index_t>(), tensor_ref<const scalar_t>(values), tensor_ref<const scalar_t>(mask),
+          tensor_ref<scalar_t>(out), c10::cuda::getCurrentCUDAStream(), [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); });
+    });
+  }
+
+  void epilogue(const at::Tensor& conv, const at::Tensor& bias, const at::Tensor& mask_scales,
+                const ForwardProblem& problem, at::Tensor& output) const override {
+    with_pass_types(output.scalar_type(), {conv, mask_scales, output}, [&](auto scalar, auto index) {
+      using scalar_t = decltype(scalar);
+      using acc_t = at::opmath_type<scalar_t>;
+      using index_t = decltype(index);
+      cuda::run_epilogue<scalar_t, acc_t, index_t>(
+          problem.geometry.as<index_t>(), tensor_ref<const scalar_t>(conv),
+          bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, mask_scales.const_data_ptr<acc_t>(),
+          problem.activation, acc_t(problem.negative_slope), tensor_ref<scalar_t>(output),
+          c10::cuda::getCurrentCUDAStream(), [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); });
+    });
+  }
+
+  at::Tensor scale_output_grad(const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& mask_scales,
+                               const ForwardProblem& problem, bool need_grad_conv,
+                               at::Tensor& grad_bias) const override {
+    const at::Tensor grad_conv = need_grad_conv ? at::empty_like(grad_output) : at::Tensor();
+    with_pass_types(grad_output.scalar_type(), {grad_output, output, mask_scales, grad_conv},
+                    [&](auto scalar, auto index) {
+      using scalar_t = decltype(scalar);
+      using acc_t = at::opmath_type<scalar_t>;
+      using index_t = decltype(index);
+      cuda::run_scale_output_grad<scalar_t, acc_t, index_t>(
+          problem.geometry.as<index_t>(), tensor_ref<const scalar_t>(grad_output), tensor_ref<const scalar_t>(output),
+          mask_scales.const_data_ptr<acc_t>(), problem.activation, acc_t(problem.negative_slope),
+          tensor_ref<scalar_t>(grad_conv), grad_bias.defined() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr,
+          c10::cuda::getCurrentCUDAStream(), [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); });
+    });
+    return grad_conv;
+  }
+};
+
+const CudaPasses kCudaPasses;
+
 const char* kVendorDescription =
-    "vendor path: X*M through ATen's convolution (cuDNN), the mask's window sums once per output position (no mask "
-    "convolution), ratio, bias, U and activation applied around it";
+    "vendor path: X*M (one pass) through ATen's convolution (cuDNN), the mask's window sums once per output "
+    "position (no mask convolution), ratio, bias, U and activation in one pass after it";
 
 // Calls f(E{}) for the element type scalar_t is multiplied in.
 template <typename scalar_t, typename F>
@@ -325,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cuda(
       fused_forward(input, mask_t, weight, bias_t, problem, output, updated_mask, mask_scales);
     } else {
       vendor_mask_scales(mask_t, g, mask_scales, updated_mask, c10::cuda::getCurrentCUDAStream());
-      vendor::forward(input, mask_t, weight, bias_t, problem, mask_scales, output);
+      vendor::forward(kCudaPasses, input, mask_t, weight, bias_t, problem, mask_scales, output);
     }
   });
   return {output, updated_mask, mask_scales};
@@ -355,8 +421,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cuda(
       fused_backward(grad_output, input, mask_t, weight, output_t, mask_scales, problem, grad_input, grad_weight,
                      grad_bias);
     else
-      vendor::backward(grad_output, input, mask_t, weight, output_t, mask_scales, problem, output_mask, grad_input,
-                       grad_weight, grad_bias);
+      vendor::backward(kCudaPasses, grad_output, input, mask_t, weight, output_t, mask_scales, problem, output_mask,
+                       grad_input, grad_weight, grad_bias);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -3,6 +3,9 @@
 // the sanitizers, writes a problem, and compares what comes back with the float64 reference.
 //
 //   run_partial_conv CASE_FILE RESULT_FILE   one forward + backward (formats below)
+//   run_partial_conv --vendor CASE_FILE RESULT_FILE
+//                                            the same through the vendor path's passes, with a
+//                                            naive host convolution in cuDNN's place
 //   run_partial_conv --plan CASE_FILE        the blocks of every GEMM launch (float16), per line
 //   run_partial_conv --check-dividers        the multiply-high dividers against / and %
 //
@@ -62,6 +65,9 @@ struct Buffer {
     }
   }
   int64_t numel() const { return sizes[0] * sizes[1] * sizes[2] * sizes[3] * sizes[4]; }
+  T& at(int64_t n, int64_t c, const int64_t (&x)[kDims]) {
+    return data[size_t(n * strides[0] + c * strides[1] + x[0] * strides[2] + x[1] * strides[3] + x[2] * strides[4])];
+  }
   T& at(int64_t i) {  // i: index in (n, c, *spatial) order
     int64_t offset = 0;
     for (int d = 2 + kDims - 1; d >= 0; --d) {
@@ -220,6 +226,126 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   std::printf("bank conflicts: %llu\n", total_conflicts);
 }
 
+// f(n, co, o, ci, ci_g, t, x) for every term of the convolution whose input position x = o * stride
+// - pad + t * dilation lies inside the input: output (n, co, o), input channel ci (ci_g within its
+// group), tap t.
+template <typename F>
+void for_each_term(const ConvGeometry& g, F&& f) {
+  const int64_t cin_g = g.in_channels / g.groups, cout_g = g.out_channels / g.groups;
+  int64_t o[kDims], t[kDims], x[kDims];
+  for (int64_t n = 0; n < g.batch; ++n)
+    for (int64_t co = 0; co < g.out_channels; ++co)
+      for (o[0] = 0; o[0] < g.out_size[0]; ++o[0])
+        for (o[1] = 0; o[1] < g.out_size[1]; ++o[1])
+          for (o[2] = 0; o[2] < g.out_size[2]; ++o[2])
+            for (int64_t ci_g = 0; ci_g < cin_g; ++ci_g)
+              for (t[0] = 0; t[0] < g.kernel[0]; ++t[0])
+                for (t[1] = 0; t[1] < g.kernel[1]; ++t[1])
+                  for (t[2] = 0; t[2] < g.kernel[2]; ++t[2]) {
+                    bool inside = true;
+                    for (int d = 0; d < kDims; ++d) {
+                      x[d] = o[d] * g.stride[d] - g.pad[d] + t[d] * g.dilation[d];
+                      inside = inside && x[d] >= 0 && x[d] < g.in_size[d];
+                    }
+                    if (inside) f(n, co, o, co / cout_g * cin_g + ci_g, ci_g, t, x);
+                  }
+}
+
+// --vendor: forward and backward as the vendor path runs them (csrc/vendor_path.cpp), its passes
+// under the emulation and the convolution, which the extension leaves to ATen, naively here in
+// acc_t with its result stored in scalar_t, as cuDNN's. Results as for the fused kernels.
+template <typename scalar_t, typename acc_t, typename index_t>
+void run_vendor(const CaseHeader& h, double negative_slope, Reader& reader, Writer& writer) {
+  const ConvGeometry g = geometry_of(h);
+  const partialconv::ConvShape<index_t> gi = g.as<index_t>();
+  const bool cl = h.channels_last != 0;
+  const int64_t cin_g = g.in_channels / g.groups, bias_size[kDims] = {1, 1, h.has_bias ? g.out_channels : 0};
+  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_size, cl);
+  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size, cl);
+  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel, false);
+  Buffer<scalar_t> bias(1, 1, bias_size, false);
+  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_size, cl);
+  reader.fill(input);
+  reader.fill(mask);
+  reader.fill(weight);
+  reader.fill(bias);
+  reader.fill(grad_output);
+  const Activation activation = static_cast<Activation>(h.activation);
+  const auto mask_ref = g.mask_channels ? mask.template ref<const scalar_t>() : pc::TensorRef<const scalar_t, int64_t>{};
+
+  // The mask scales by the fused kernels' own kernel, from the channel sums of a multi-channel mask
+  // (the extension sums with ATen).
+  Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_size, false);
+  Buffer<acc_t> mask_scales(g.mask_batch, 2, g.out_size, false);
+  std::vector<acc_t> plane;
+  if (g.multi_channel_mask()) {
+    plane.assign(size_t(g.mask_batch * g.in_positions()), acc_t(0));
+    int64_t x[kDims];
+    for (int64_t n = 0; n < g.mask_batch; ++n)
+      for (x[0] = 0; x[0] < g.in_size[0]; ++x[0])
+        for (x[1] = 0; x[1] < g.in_size[1]; ++x[1])
+          for (x[2] = 0; x[2] < g.in_size[2]; ++x[2])
+            for (int64_t c = 0; c < g.in_channels; ++c)
+              plane[size_t(n * g.in_positions() + (x[0] * g.in_size[1] + x[1]) * g.in_size[2] + x[2])] +=
+                  acc_t(mask.at(n, c, x));
+  }
+  pc::run_mask_scales<scalar_t, acc_t, index_t>(gi, pc::narrow_ref<const scalar_t, index_t>(mask_ref),
+                                                plane.empty() ? nullptr : plane.data(), mask_scales.data.data(),
+                                                updated_mask.data.data(), nullptr, after_launch);
+  // Xm = X*M, the convolution, the epilogue.
+  Buffer<scalar_t> masked(g.batch, g.in_channels, g.in_size, cl);
+  pc::run_apply_mask<scalar_t, acc_t, index_t>(gi, input.template ref<const scalar_t>(), mask_ref,
+                                               masked.template ref<scalar_t>(), nullptr, after_launch);
+  Buffer<acc_t> conv_sum(g.batch, g.out_channels, g.out_size, false);
+  for_each_term(g, [&](int64_t n, int64_t co, const int64_t(&o)[kDims], int64_t ci, int64_t ci_g,
+                       const int64_t(&t)[kDims], const int64_t(&x)[kDims]) {
+    conv_sum.at(n, co, o) += acc_t(masked.at(n, ci, x)) * acc_t(weight.at(co, ci_g, t));
+  });
+  Buffer<scalar_t> conv(g.batch, g.out_channels, g.out_size, cl), output(g.batch, g.out_channels, g.out_size, cl);
+  for (int64_t i = 0; i < conv.numel(); ++i) conv.at(i) = static_cast<scalar_t>(conv_sum.at(i));
+  pc::run_epilogue<scalar_t, acc_t, index_t>(gi, conv.template ref<const scalar_t>(), h.has_bias ? bias.data.data() : nullptr,
+                                             mask_scales.data.data(), activation, acc_t(negative_slope),
+                                             output.template ref<scalar_t>(), nullptr, after_launch);
+  writer.write(output);
+  writer.write(updated_mask);
+  writer.write(mask_scales);
+
+  // dL/dconv and dL/db, the convolution's backward, dL/dX = M * dL/dXm.
+  Buffer<scalar_t> grad_conv(g.batch, g.out_channels, g.out_size, cl);
+  Buffer<scalar_t> grad_bias(1, 1, bias_size, false);
+  const auto output_ref = activation == Activation::kNone ? pc::TensorRef<const scalar_t, int64_t>{}
+                                                          : output.template ref<const scalar_t>();
+  pc::run_scale_output_grad<scalar_t, acc_t, index_t>(
+      gi, grad_output.template ref<const scalar_t>(), output_ref, mask_scales.data.data(), activation,
+      acc_t(negative_slope), grad_conv.template ref<scalar_t>(), h.need_bias && h.has_bias ? grad_bias.data.data() : nullptr,
+      nullptr, after_launch);
+  Buffer<acc_t> grad_masked_sum(g.batch, g.in_channels, g.in_size, false), grad_weight_sum(g.out_channels, cin_g, g.kernel, false);
+  for_each_term(g, [&](int64_t n, int64_t co, const int64_t(&o)[kDims], int64_t ci, int64_t ci_g,
+                       const int64_t(&t)[kDims], const int64_t(&x)[kDims]) {
+    const acc_t grad = acc_t(grad_conv.at(n, co, o));
+    grad_masked_sum.at(n, ci, x) += grad * acc_t(weight.at(co, ci_g, t));
+    grad_weight_sum.at(co, ci_g, t) += grad * acc_t(masked.at(n, ci, x));
+  });
+  Buffer<scalar_t> grad_masked(g.batch, g.in_channels, g.in_size, cl), grad_input(g.batch, g.in_channels, g.in_size, cl);
+  Buffer<scalar_t> grad_weight(g.out_channels, cin_g, g.kernel, false);
+  for (int64_t i = 0; i < grad_masked.numel(); ++i) grad_masked.at(i) = static_cast<scalar_t>(grad_masked_sum.at(i));
+  for (int64_t i = 0; i < grad_weight.numel(); ++i) grad_weight.at(i) = static_cast<scalar_t>(grad_weight_sum.at(i));
+  pc::run_apply_mask<scalar_t, acc_t, index_t>(gi, grad_masked.template ref<const scalar_t>(), mask_ref,
+                                               grad_input.template ref<scalar_t>(), nullptr, after_launch);
+  if (h.need_input) writer.write(grad_input);
+  if (h.need_weight) writer.write(grad_weight);
+  if (h.need_bias && h.has_bias) writer.write(grad_bias);
+  std::printf("bank conflicts: %llu\n", total_conflicts);
+}
+
+template <typename scalar_t, typename acc_t>
+void run_vendor_any_index(const CaseHeader& h, double negative_slope, Reader& reader, Writer& writer) {
+  if (h.index64)
+    run_vendor<scalar_t, acc_t, int64_t>(h, negative_slope, reader, writer);
+  else
+    run_vendor<scalar_t, acc_t, int32_t>(h, negative_slope, reader, writer);
+}
+
 template <typename index_t>
 int check_dividers() {
   std::mt19937_64 rng(7);
@@ -254,10 +380,12 @@ int main(int argc, char** argv) {
     std::printf("dividers: %d failures\n", failures);
     return failures == 0 ? 0 : 1;
   }
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s CASE_FILE RESULT_FILE | --plan CASE_FILE | --check-dividers\n", argv[0]);
+  const bool vendor = argc == 4 && std::string(argv[1]) == "--vendor";
+  if (argc != 3 && !vendor) {
+    std::fprintf(stderr, "usage: %s [--vendor] CASE_FILE RESULT_FILE | --plan CASE_FILE | --check-dividers\n", argv[0]);
     return 2;
   }
+  if (vendor) ++argv;  // CASE_FILE RESULT_FILE follow
   const bool plan_only = std::string(argv[1]) == "--plan";
   Reader reader(argv[plan_only ? 2 : 1]);
   CaseHeader h;
@@ -269,6 +397,16 @@ int main(int argc, char** argv) {
   }
   const double slope = reader.read<double>();
   Writer writer(argv[2]);
+  if (vendor) {  // the passes run in the operands' type; TF32 concerns only the fused kernels
+    switch (h.dtype) {
+      case 0: run_vendor_any_index<double, double>(h, slope, reader, writer); break;
+      case 1: run_vendor_any_index<float, float>(h, slope, reader, writer); break;
+      case 2: run_vendor_any_index<c10::Half, float>(h, slope, reader, writer); break;
+      case 3: run_vendor_any_index<c10::BFloat16, float>(h, slope, reader, writer); break;
+      default: std::fprintf(stderr, "unknown dtype %lld\n", (long long)h.dtype); return 2;
+    }
+    return writer.out.good() ? 0 : 1;
+  }
   switch (h.dtype) {
     case 0: run<double, double, double>(h, slope, reader, writer); break;
     case 1:
