@@ -131,6 +131,23 @@ ConvGeometry geometry_of(const CaseHeader& h) {
   return g;
 }
 
+// The tensors of a case file, in the layout it asks for (bias_size: the bias as a 3-D extent).
+template <typename scalar_t>
+struct CaseTensors {
+  Buffer<scalar_t> input, mask, weight, bias, grad_output;
+  int64_t bias_size[kDims];
+
+  CaseTensors(const CaseHeader& h, const ConvGeometry& g, Reader& reader)
+      : input(g.batch, g.in_channels, g.in_size, h.channels_last != 0),
+        mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size, h.channels_last != 0),
+        weight(g.out_channels, g.in_channels / g.groups, g.kernel, false),
+        bias(1, 1, {1, 1, h.has_bias ? g.out_channels : 0}, false),
+        grad_output(g.batch, g.out_channels, g.out_size, h.channels_last != 0),
+        bias_size{1, 1, h.has_bias ? g.out_channels : 0} {
+    for (Buffer<scalar_t>* buffer : {&input, &mask, &weight, &bias, &grad_output}) reader.fill(*buffer);
+  }
+};
+
 // --plan: the blocks of every GEMM launch of forward and backward.
 template <typename E>
 void print_plan(const CaseHeader& h) {
@@ -154,19 +171,8 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   const ConvGeometry g = geometry_of(h);
   const bool cl = h.channels_last != 0;
   const int64_t cin_g = g.in_channels / g.groups;
-  const int64_t one[kDims] = {1, 1, 1}, bias_size[kDims] = {1, 1, h.has_bias ? g.out_channels : 0};
-
-  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_size, cl);
-  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size, cl);
-  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel, false);
-  Buffer<scalar_t> bias(1, 1, bias_size, false);
-  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_size, cl);
-  reader.fill(input);
-  reader.fill(mask);
-  reader.fill(weight);
-  reader.fill(bias);
-  reader.fill(grad_output);
-  (void)one;
+  CaseTensors<scalar_t> tensors(h, g, reader);
+  auto& [input, mask, weight, bias, grad_output, bias_size] = tensors;
 
   Buffer<scalar_t> output(g.batch, g.out_channels, g.out_size, cl);
   Buffer<scalar_t> updated_mask(g.mask_batch, 1, g.out_size, false);
@@ -259,17 +265,9 @@ void run_vendor(const CaseHeader& h, double negative_slope, Reader& reader, Writ
   const ConvGeometry g = geometry_of(h);
   const partialconv::ConvShape<index_t> gi = g.as<index_t>();
   const bool cl = h.channels_last != 0;
-  const int64_t cin_g = g.in_channels / g.groups, bias_size[kDims] = {1, 1, h.has_bias ? g.out_channels : 0};
-  Buffer<scalar_t> input(g.batch, g.in_channels, g.in_size, cl);
-  Buffer<scalar_t> mask(g.mask_channels ? g.mask_batch : 0, g.mask_channels, g.in_size, cl);
-  Buffer<scalar_t> weight(g.out_channels, cin_g, g.kernel, false);
-  Buffer<scalar_t> bias(1, 1, bias_size, false);
-  Buffer<scalar_t> grad_output(g.batch, g.out_channels, g.out_size, cl);
-  reader.fill(input);
-  reader.fill(mask);
-  reader.fill(weight);
-  reader.fill(bias);
-  reader.fill(grad_output);
+  const int64_t cin_g = g.in_channels / g.groups;
+  CaseTensors<scalar_t> tensors(h, g, reader);
+  auto& [input, mask, weight, bias, grad_output, bias_size] = tensors;
   const Activation activation = static_cast<Activation>(h.activation);
   const auto mask_ref = g.mask_channels ? mask.template ref<const scalar_t>() : pc::TensorRef<const scalar_t, int64_t>{};
 
