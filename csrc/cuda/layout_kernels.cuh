@@ -328,8 +328,8 @@ __global__ void weight_layout_kernel(const TensorRef<const scalar_t, index_t> we
 // ---------------------------------------------------------------------------------------------
 // out(n, c, x) = source(n, c, p, x) for every element of a (N, C, *spatial) tensor written through
 // its strides, one grid-stride pass in the tensor's memory order: channels fastest for a
-// channels-last tensor (channels_fastest), else positions fastest. `grid` decodes the positions of
-// `images` images: N * C of them (positions fastest) or N (channels fastest, after the channel).
+// channels-last tensor (channels_fastest), else positions fastest. `grid` decodes a position p and
+// its coordinates x from an element's index: with positions fastest its "image" is n * C + c.
 template <class Source, typename T, typename index_t>
 __global__ void strided_pass_kernel(const Source source, const TensorRef<T, index_t> out, const GridDecode<index_t> grid,
                                     const Divider<index_t> channels, index_t count, bool channels_fastest) {
