@@ -32,10 +32,6 @@ namespace partialconv {
 
 enum class Implementation { kFused, kVendor };
 
-inline const char* implementation_name(Implementation implementation) {
-  return implementation == Implementation::kFused ? "fused" : "vendor";
-}
-
 // What the caller knows of one call.
 struct CallConditions {
   std::optional<Implementation> forced;  // from PARTIALCONV_CUDA_PATH

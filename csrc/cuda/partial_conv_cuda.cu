@@ -153,24 +153,9 @@ Choice choose_and_run(const std::string& key, const CallConditions& call, Run&& 
   return choice;
 }
 
-// The vendor path's mask scales: S, ratio and U once per output position by the fused kernels'
-// own mask_scales_kernel, from the channel sums of a multi-channel mask (one ATen reduction).
-void vendor_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_scales, at::Tensor& updated_mask,
-                        cudaStream_t stream) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "vendor_mask_scales", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor plane =
-        g.multi_channel_mask() ? mask.sum(1, false, mask_scales.scalar_type()).contiguous() : at::Tensor();
-    cuda::run_mask_scales<scalar_t, acc_t, int64_t>(g, tensor_ref<const scalar_t>(mask),
-                                                    plane.defined() ? plane.const_data_ptr<acc_t>() : nullptr,
-                                                    mask_scales.mutable_data_ptr<acc_t>(),
-                                                    updated_mask.mutable_data_ptr<scalar_t>(), stream,
-                                                    [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); });
-  });
-}
-
 // Calls f(scalar_t{}, index_t{}) for the dtype and the narrowest index type that holds every
-// element offset and element count of the tensors.
+// element offset and element count of the tensors (enough for passes that only decode element
+// positions; not for window arithmetic, whose paddings may be larger).
 template <typename F>
 void with_pass_types(at::ScalarType dtype, std::initializer_list<at::Tensor> tensors, F&& f) {
   int64_t extent = 0;
@@ -181,6 +166,25 @@ void with_pass_types(at::ScalarType dtype, std::initializer_list<at::Tensor> ten
       f(scalar_t{}, int32_t{});
     else
       f(scalar_t{}, int64_t{});
+  });
+}
+
+// The vendor path's mask scales: S, ratio and U once per output position by the fused kernels'
+// own mask_scales_kernel, from the channel sums of a multi-channel mask (one ATen reduction).
+// 64-bit indexing always: the window arithmetic (o * stride - pad + t * dilation) takes the
+// paddings and dilations the fused kernels refuse, which small tensors can have too.
+void vendor_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_scales,
+                        at::Tensor& updated_mask) {
+  const at::Tensor plane =
+      g.multi_channel_mask() ? mask.sum(1, false, mask_scales.scalar_type()).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, updated_mask.scalar_type(), "vendor_mask_scales", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::run_mask_scales<scalar_t, acc_t, int64_t>(g, tensor_ref<const scalar_t>(mask),
+                                                    plane.defined() ? plane.const_data_ptr<acc_t>() : nullptr,
+                                                    mask_scales.mutable_data_ptr<acc_t>(),
+                                                    updated_mask.mutable_data_ptr<scalar_t>(),
+                                                    c10::cuda::getCurrentCUDAStream(),
+                                                    [] { C10_CUDA_KERNEL_LAUNCH_CHECK(); });
   });
 }
 
@@ -390,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cuda(
     if (implementation == Implementation::kFused) {
       fused_forward(input, mask_t, weight, bias_t, problem, output, updated_mask, mask_scales);
     } else {
-      vendor_mask_scales(mask_t, g, mask_scales, updated_mask, c10::cuda::getCurrentCUDAStream());
+      vendor_mask_scales(mask_t, g, mask_scales, updated_mask);
       vendor::forward(kCudaPasses, input, mask_t, weight, bias_t, problem, mask_scales, output);
     }
   });
