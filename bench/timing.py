@@ -121,7 +121,9 @@ class Clock:
                     times[name].append(run(name, policy.warmup + r))
         for name, call in list(live.items()):
             quintiles = statistics.quantiles(times[name], n=5, method="inclusive")
-            results[name] = Measurement(statistics.median(times[name]), quintiles[0], quintiles[3], rounds,
+            median = statistics.median(times[name])
+            # The interpolations round differently: p20 <= median <= p80 exactly, as the report assumes.
+            results[name] = Measurement(median, min(quintiles[0], median), max(quintiles[3], median), rounds,
                                         self.peak_memory_mb(lambda: call(0)))
         return results
 
