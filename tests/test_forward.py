@@ -191,3 +191,32 @@ def test_updated_mask_shapes(device):
     updated = partial_conv2d(x, multi, w, b)[1]
     assert updated.shape == (4, 5, 6, 6)
     assert updated.stride(1) == 0, "multi-channel masks return an expanded view, not C_out copies"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_results_survive_later_calls(dtype, device):
+    """Results never alias memory a later call reuses (the CPU dense path keeps per-thread scratch
+    buffers between calls and hands a whole-image convolution's result over as the output): the
+    first call's output and gradients are unchanged by later calls of other sizes and dtypes, and
+    every call matches the reference."""
+    generator = torch.Generator().manual_seed(stable_seed(("survive", dtype)))
+
+    def call(size, channels, call_dtype):
+        x = torch.randn(1, channels, size, size, generator=generator, dtype=call_dtype)
+        m = (torch.rand(1, 1, size, size, generator=generator) > 0.3).to(call_dtype)
+        w = torch.randn(4, channels, 3, 3, generator=generator, dtype=call_dtype)
+        x, m, w = to_device((x, m, w), device)
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        out, _ = partial_conv2d(x, m, w, padding=1)
+        grad_x, grad_w = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+        expected = partial_conv_reference(x.double(), m.double(), w.double(), padding=1)[0]
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        return out.detach(), grad_x, grad_w
+
+    first = call(24, 6, dtype)
+    kept = [t.clone() for t in first]
+    for size, channels, later_dtype in [(24, 6, dtype), (40, 8, torch.float32), (12, 3, torch.float64)]:
+        call(size, channels, later_dtype)
+    for result, copy in zip(first, kept):
+        assert torch.equal(result, copy)

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <type_traits>
 
@@ -77,36 +78,72 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
-// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count; the
-// unit stride has its own loop.
+// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count.
+// Branch-free (the activation and the hole test are selects), so that g++ vectorises it; the unit
+// stride has its own loop.
 template <Activation act, typename scalar_t, typename acc_t>
 void write_output_line(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
                        acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
-  const auto value = [&](int64_t i) {
-    return static_cast<scalar_t>(partial_conv_output(conv[i], MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
+  const auto value = [&](acc_t conv_value, int64_t i) {
+    const acc_t y = (conv_value * ratio[i] + bias) * update[i];
+    const acc_t activated = act == Activation::kNone ? y
+                            : act == Activation::kRelu ? (y > acc_t(0) ? y : acc_t(0))
+                                                       : (y > acc_t(0) ? y : y * slope);
+    const bool hole = ratio[i] == acc_t(0) && update[i] == acc_t(0);  // is_hole, as a select
+    return static_cast<scalar_t>(hole ? acc_t(0) : activated);
   };
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (out_stride == 1 && out == conv) {  // in place: one pointer, so that g++ sees no aliasing
+      for (int64_t i = 0; i < count; ++i) out[i] = value(out[i], i);
+      return;
+    }
+  }
   if (out_stride == 1) {
-    for (int64_t i = 0; i < count; ++i) out[i] = value(i);
+    for (int64_t i = 0; i < count; ++i) out[i] = value(conv[i], i);
   } else {
-    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(i);
+    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(conv[i], i);
   }
 }
 
-// grad_conv[i] = dL/dconv at count positions of one output line, from the incoming gradient and
-// the output (read only for an activation); returns the line's dL/dbias.
+// grad_conv[i] = dL/dconv at count positions of one output line, from the incoming
+// gradient and the output (read only for an activation); returns the line's dL/dbias. Branch-free
+// like write_output_line; the bias sum runs in kLanes partial sums added in a fixed order (the
+// same result on every call), so that the loop vectorises.
 template <Activation act, typename scalar_t, typename acc_t>
 acc_t scale_output_grad_line(const scalar_t* grad, int64_t grad_stride, const scalar_t* out,
                              int64_t out_stride, const acc_t* ratio, const acc_t* update,
                              acc_t slope, acc_t* grad_conv, int64_t count) {
-  acc_t bias_sum = acc_t(0);
-  for (int64_t i = 0; i < count; ++i) {
-    const OutputGrad<acc_t> og = partial_conv_output_grad(
-        acc_t(grad[i * grad_stride]), out ? acc_t(out[i * out_stride]) : acc_t(0),
-        MaskScale<acc_t>{ratio[i], update[i]}, act, slope);
-    grad_conv[i] = og.conv;
-    bias_sum += og.bias;
-  }
-  return bias_sum;
+  constexpr int64_t kLanes = 8;
+  // dL/dbias at position i: g * act'(z) * U, 0 in a hole; dL/dconv = that * ratio.
+  const auto bias_grad = [&](acc_t g, acc_t z, int64_t i) {
+    const acc_t slope_here = act == Activation::kNone ? acc_t(1)
+                             : z > acc_t(0)            ? acc_t(1)
+                             : act == Activation::kRelu ? acc_t(0)
+                                                        : slope;
+    const bool hole = ratio[i] == acc_t(0) && update[i] == acc_t(0);
+    return hole ? acc_t(0) : g * slope_here * update[i];
+  };
+  acc_t lanes[kLanes] = {};
+  const auto run = [&](auto unit_strides) {
+    constexpr bool unit = decltype(unit_strides)::value;
+    const int64_t gs = unit ? 1 : grad_stride, zs = unit ? 1 : out_stride;
+    const auto step = [&](int64_t i, acc_t& lane) {
+      const acc_t gb = bias_grad(acc_t(grad[i * gs]), act == Activation::kNone ? acc_t(0) : acc_t(out[i * zs]), i);
+      grad_conv[i] = gb * ratio[i];
+      lane += gb;
+    };
+    int64_t i = 0;
+    for (; i + kLanes <= count; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) step(i + j, lanes[j]);
+    for (; i < count; ++i) step(i, lanes[i % kLanes]);
+  };
+  if (grad_stride == 1 && (out == nullptr || out_stride == 1))
+    run(std::true_type{});
+  else
+    run(std::false_type{});
+  acc_t sum = acc_t(0);
+  for (int64_t j = 0; j < kLanes; ++j) sum += lanes[j];
+  return sum;
 }
 
 // dst[i] = X*M at input columns ix0 + i * step of one input line (M null: no mask), exactly 0 in
@@ -141,10 +178,11 @@ const scalar_t* mask_line(const StridedTensor<const scalar_t>& m, const ConvGeom
 }
 
 // grad_input of image n = M * grad_image (d(X*M)/dX = M; a hole gets exactly 0). grad_image (C_in
-// planes of the input's positions) is left zeroed for the next image.
+// planes of the input's positions) is left zeroed for the next image when `clear` is set.
 template <typename scalar_t, typename acc_t>
 void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar_t>& m,
-                             const StridedTensor<scalar_t>& gin, const ConvGeometry& g, int64_t n) {
+                             const StridedTensor<scalar_t>& gin, const ConvGeometry& g, int64_t n,
+                             bool clear = true) {
   const int64_t lines = g.in_size[0] * g.in_size[1], width = g.in_size[2];
   at::parallel_for(0, g.in_channels, grain(g.in_positions()), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -153,13 +191,32 @@ void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar
         acc_t* values = grad_image + (c * lines + line) * width;
         const scalar_t* mask = mask_line(m, g, n, c, d, h);
         scalar_t* out = gin.line(n, c, d, h);
-        for (int64_t w = 0; w < width; ++w) {
+        for (int64_t w = 0; w < width; ++w)
           out[w * gin.s[4]] = static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
-          values[w] = acc_t(0);
-        }
+        if (clear) std::fill(values, values + width, acc_t(0));
       }
     }
   });
+}
+
+// The first `elements` of a scratch buffer kept by the calling thread between calls (the caching
+// allocator pattern): the dense path's band buffers are up to tens of megabytes, which the
+// system allocator would map and fault in afresh on every call. Each slot grows to the largest
+// request of its thread and dtype up to kMostScratchElements (larger requests get a buffer of
+// their own, freed after the call) and is held until the thread exits; a slot's contents are
+// valid until its next request on the same thread, so a caller must not keep them past its call.
+enum class Scratch { kMaskedBand, kGradConv, kCount };
+constexpr int64_t kMostScratchElements = int64_t(1) << 24;
+
+inline at::Tensor thread_scratch(Scratch slot, int64_t elements, const at::TensorOptions& options) {
+  if (elements > kMostScratchElements) return at::empty({elements}, options);
+  thread_local std::array<at::Tensor, size_t(Scratch::kCount)> slots;
+  at::Tensor& buffer = slots[size_t(slot)];
+  if (!buffer.defined() || buffer.numel() < elements || buffer.dtype() != options.dtype()) {
+    buffer = at::Tensor();  // the old buffer freed before the new one is made
+    buffer = at::empty({elements}, options);
+  }
+  return buffer.narrow(0, 0, elements);
 }
 
 // Tensor options of the accumulation type of scalar_t.

@@ -47,6 +47,11 @@ struct RowSpan {
 
 RowSpan input_rows(const ConvGeometry& g, int64_t begin, int64_t end) {
   const int a = band_axis(g);
+  // A band of every output index reads the whole input with the layer's own padding, also where
+  // a stride leaves one side's padding unused (the span below would then copy a zero index on the
+  // other side and pass no padding: not the convolution conv2d runs, and its input gradient not
+  // the image's).
+  if (begin == 0 && end == g.out_size[a]) return {0, g.in_size[a], g.pad[a]};
   const int64_t first = begin * g.stride[a] - g.pad[a];
   const int64_t count = (end - begin - 1) * g.stride[a] + g.dilation[a] * (g.kernel[a] - 1) + 1;
   const int64_t pad = std::max<int64_t>(0, std::min(-first, first + count - g.in_size[a]));
@@ -115,13 +120,12 @@ std::vector<int64_t> band_shape(const ConvGeometry& g, int64_t channels, const B
 }
 
 // The masked input of one image over `box` (which may reach past the input: zeros there), as a
-// contiguous (1, C_in, *box extents) tensor of acc_t at the start of `buffer`, which grows as
-// needed.
+// contiguous (1, C_in, *box extents) tensor of acc_t in this thread's masked-band scratch.
 template <typename scalar_t, typename acc_t>
 at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
-                       const ConvGeometry& g, int64_t n, const Box& box, at::Tensor& buffer) {
+                       const ConvGeometry& g, int64_t n, const Box& box, const at::TensorOptions& options) {
   const int64_t elements = g.in_channels * box.positions();
-  if (buffer.numel() < elements) buffer = at::empty({elements}, buffer.options());
+  const at::Tensor buffer = thread_scratch(Scratch::kMaskedBand, elements, options);
   acc_t* data = buffer.data_ptr<acc_t>();
   const int64_t lines = box.lines(), width = box.extent(2);
   const int64_t w_lo = std::max<int64_t>(box.lo[2], 0), w_hi = std::min(box.hi[2], g.in_size[2]);
@@ -139,7 +143,7 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
       std::fill(dst + (w_hi - box.lo[2]), dst + width, acc_t(0));
     }
   });
-  return buffer.narrow(0, 0, elements).view(band_shape(g, g.in_channels, box));
+  return buffer.view(band_shape(g, g.in_channels, box));
 }
 
 // The input box a band reads, and the convolution's padding for it (the band's shared padding
@@ -203,7 +207,6 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const StridedTensor<const scalar_t> x(input), m(mask);
   const StridedTensor<scalar_t> out(output);
   const acc_t slope = acc_t(problem.negative_slope);
-  at::Tensor buffer = at::empty({0}, options);
   const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
   const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
 
@@ -214,21 +217,28 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
-      const at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, buffer), w, {},
-                                              stride, in.padding, dilation, false, no_output_padding,
-                                              g.groups).contiguous();
-      const acc_t* conv_data = conv.const_data_ptr<acc_t>();
+      at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options), w, {}, stride,
+                                        in.padding, dilation, false, no_output_padding, g.groups)
+                            .contiguous();
+      acc_t* conv_data = conv.data_ptr<acc_t>();
+      // One band that is the whole output, in the output's dtype and layout: the epilogue runs in
+      // place and the convolution's result becomes the output (no second output-sized tensor).
+      const bool whole_output = std::is_same_v<scalar_t, acc_t> && g.batch == 1 && bands.size() == 1 &&
+                                band.begin == 0 && band.end == g.out_size[band_axis(g)] &&
+                                output.is_contiguous() && conv.sizes() == output.sizes();
+      if (whole_output) output = conv;
+      const StridedTensor<scalar_t> dst_view = whole_output ? StridedTensor<scalar_t>(conv) : out;
       const Box box = band_box(g, g.out_size, band.begin, band.end);
       const int64_t lines = box.lines(), width = box.extent(2);
       at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t c = i / lines, line = i % lines, p0 = scales_offset(g, box, line);
           const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
-          scalar_t* dst = out.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * out.s[4];
+          scalar_t* dst = dst_view.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
           with_activation(problem.activation, [&](auto act) {
             write_output_line<decltype(act)::value>(conv_data + i * width, scales.ratio + p0,
                                                     scales.update + p0, bias_c, slope, dst,
-                                                    out.s[4], width);
+                                                    dst_view.s[4], width);
           });
         }
       });
@@ -254,13 +264,13 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   // (no zero-filled accumulator: the deep layers' weights are megabytes and their images tiny).
   at::Tensor grad_weight_sum;
   at::Tensor grad_bias_acc = at::zeros({g.out_channels}, options);
-  // grad_input of one image before the multiplication by M: (C_in, *spatial).
-  std::vector<int64_t> image_shape{need_input ? g.in_channels : 0};
+  // grad_input of one image before the multiplication by M: (C_in, *spatial), made when a band
+  // does not cover the whole image (otherwise the band's own gradient is that).
+  std::vector<int64_t> image_shape{g.in_channels};
   for (const int64_t s : real_dims(g, g.in_size)) image_shape.push_back(s);
-  at::Tensor grad_image = at::zeros(image_shape, options);
-  at::Tensor buffer = at::empty({0}, options);
-  const at::Tensor grad_conv_buffer =
-      at::empty({g.out_channels * most_band_rows(g) * slab_positions(g.out_size, a)}, options);
+  at::Tensor grad_image;
+  const at::Tensor grad_conv_buffer = thread_scratch(
+      Scratch::kGradConv, g.out_channels * most_band_rows(g) * slab_positions(g.out_size, a), options);
   const StridedTensor<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const StridedTensor<scalar_t> gin(grad_input);
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
@@ -274,6 +284,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
     const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
     // Slabs of holes have a zero gradient scale: skipped as in forward.
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
+    bool written_directly = false;
     for (const Band& band : bands) {
       const Box box = band_box(g, g.out_size, band.begin, band.end);
       const int64_t lines = box.lines(), width = box.extent(2);
@@ -300,14 +311,10 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       if (!need_input && !need_weight) continue;
       const BandInput in = band_input(g, band);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
-      at::Tensor band_in;
-      if (need_weight) {
-        band_in = masked_band<scalar_t, acc_t>(x, m, g, n, in.box, buffer);
-      } else {
-        const int64_t elements = g.in_channels * in.box.positions();
-        if (buffer.numel() < elements) buffer = at::empty({elements}, options);
-        band_in = buffer.narrow(0, 0, elements).view(band_shape(g, g.in_channels, in.box));
-      }
+      const at::Tensor band_in =
+          need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options)
+                      : thread_scratch(Scratch::kMaskedBand, g.in_channels * in.box.positions(), options)
+                            .view(band_shape(g, g.in_channels, in.box));
       const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
           grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
           no_output_padding, g.groups, {need_input, need_weight, false});
@@ -318,6 +325,14 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
           grad_weight_sum = band_grad_weight;
       }
       if (need_input) {
+        if (bands.size() == 1 && in.box.lo[a] == 0 && in.box.hi[a] == g.in_size[a] &&
+            band_grad_input.is_contiguous()) {
+          // One band over the whole image: its gradient is the image's; M applied, written directly.
+          write_masked_grad_input(band_grad_input.data_ptr<acc_t>(), m, gin, g, n, /*clear=*/false);
+          written_directly = true;
+          continue;
+        }
+        if (!grad_image.defined()) grad_image = at::zeros(image_shape, options);
         // Add the band's input indices that lie inside the input.
         const int64_t first = std::max<int64_t>(in.box.lo[a], 0);
         const int64_t last = std::min(in.box.hi[a], g.in_size[a]);
@@ -326,7 +341,10 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
               .add_(band_grad_input[0].narrow(1, first - in.box.lo[a], last - first));
       }
     }
-    if (need_input) write_masked_grad_input(grad_image.data_ptr<acc_t>(), m, gin, g, n);
+    if (need_input && !written_directly) {
+      if (!grad_image.defined()) grad_image = at::zeros(image_shape, options);  // no band: all holes
+      write_masked_grad_input(grad_image.data_ptr<acc_t>(), m, gin, g, n);
+    }
   }
   if (need_weight) {
     if (!grad_weight_sum.defined())  // no band: every output position is a hole
