@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 
 from partialconv_cuda.masks import irregular_masks
+from partialconv_cuda.ops import conv_output_size
 
 from .contenders import CONV1D, CONV3D, NVIDIA, NVIDIA_PC3D, OURS, OURS_FUSED, OURS_VENDOR
-from .workloads import (ConvCost, concatenated_mask, conv_output_size, layer_input_sizes,
-                        unet_layer_masks)
+from .workloads import ConvCost, concatenated_mask, layer_input_sizes, unet_layer_masks
 
 VIDEO3D, SPEECH1D = "video3d", "speech1d"
 VIDEO_NEGATIVE_SLOPE = 0.2  # the decoder's LeakyReLU, as in PConvUNet

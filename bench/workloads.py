@@ -11,17 +11,12 @@ from torch.nn.modules.utils import _ntuple
 
 from partialconv_cuda.masks import irregular_masks
 from partialconv_cuda.models import DECODER_NEGATIVE_SLOPE, UNetLayer, pconv_unet_layers
+from partialconv_cuda.ops import conv_output_size
 
 PAPER_LAYERS = pconv_unet_layers()
 LAYER_NAMES = [layer.name for layer in PAPER_LAYERS]
 SUITE = "layers"
 HOLE_SWEEP = "holes"
-
-
-def conv_output_size(size, kernel, stride, padding, dilation):
-    """Output size of a convolution, per spatial dimension (all tuples)."""
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
 
 
 class ConvCost:

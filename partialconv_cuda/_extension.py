@@ -30,10 +30,9 @@ except ImportError as error:
     package_dir = Path(__file__).resolve().parent
     if not any(package_dir.glob("_C.*")):
         raise ImportError(
-            f"{package_dir} holds no compiled library: this is the source directory, shadowing the "
-            "installed package (run Python from another directory, and use `pytest`, not "
-            "`python -m pytest`, in the source tree), or a source tree never built "
-            "(`pip install --no-build-isolation .`)"
+            f"{package_dir} holds no compiled library: a source tree never built (`pip install "
+            "--no-build-isolation -e .` builds it in place), or the source directory shadowing a "
+            "package installed elsewhere (run Python from another directory)"
         ) from error
     raise ImportError(f"partialconv_cuda's compiled library failed to load ({error}); {_REBUILD}") from error
 

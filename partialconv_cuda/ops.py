@@ -53,6 +53,13 @@ def _padding(padding, kernel_size, stride, dilation, name):
     return tuple(pads)
 
 
+def conv_output_size(size, kernel, stride, padding, dilation):
+    """Output size of the convolution per spatial dimension (all tuples): the formula the C++ ops
+    use (csrc/partial_conv_math.h), for Python callers (benchmarks, tests) that need it first."""
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+
+
 def conv_arguments(dims, weight, stride, padding, dilation, name):
     """(stride, padding, dilation) as the op takes them: one int per spatial dimension."""
     stride, dilation = _TUPLE[dims](stride), _TUPLE[dims](dilation)

@@ -19,6 +19,7 @@ import torch.utils.cpp_extension
 import emulation_build
 from conftest import random_problem
 from partialconv_cuda import partial_conv_reference
+from partialconv_cuda.ops import conv_output_size
 
 HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv.cpp"
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -114,9 +115,8 @@ def make_inputs(case, dtype, seed):
         poison = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype)
         x = torch.where(holes, poison[torch.arange(x.numel()).view(x.shape) % 3], x)
     dims = len(size)
-    out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in
-           zip(size, case["kernel"], spatial(case["stride"], dims, 1)[3 - dims:],
-               spatial(case["padding"], dims, 0)[3 - dims:], spatial(case["dilation"], dims, 1)[3 - dims:])]
+    out = conv_output_size(size, case["kernel"], spatial(case["stride"], dims, 1)[3 - dims:],
+                           spatial(case["padding"], dims, 0)[3 - dims:], spatial(case["dilation"], dims, 1)[3 - dims:])
     grad = torch.randn(n, cout, *out, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dtype)
     return x, m, w, b, grad
 
