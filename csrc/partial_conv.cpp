@@ -166,7 +166,8 @@ ForwardProblemOf<Size> check_forward_args(const at::Tensor& input,
                                           const std::optional<at::Tensor>& bias,
                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                           at::IntArrayRef dilation, int64_t groups,
-                                          std::string_view activation, double negative_slope) {
+                                          std::string_view activation, double negative_slope,
+                                          std::string_view normalization) {
   const int64_t rank = input.dim();
   const std::string op = op_name(rank);
   TORCH_CHECK_VALUE(rank >= 3 && rank <= 5, op, ": expected input to be a 3-D, 4-D or 5-D tensor ",
@@ -264,6 +265,10 @@ ForwardProblemOf<Size> check_forward_args(const at::Tensor& input,
     g.mask_batch = ms[0];
     g.mask_channels = ms[1];
   }
+  TORCH_CHECK_VALUE(normalization == "window" || normalization == "sum", op,
+                    ": expected normalization 'window' (sum(1)/sum(M), the paper's) or 'sum' (1/sum(M)), got '",
+                    normalization, "'");
+  g.normalization = normalization == "sum" ? Normalization::kSum : Normalization::kWindow;
   return {g, parse_activation(activation, negative_slope, op), negative_slope};
 }
 
@@ -330,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
   template ForwardProblemOf<Size> check_forward_args<Size>(                                      \
       const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,                     \
       const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,        \
-      int64_t, std::string_view, double);                                                         \
+      int64_t, std::string_view, double, std::string_view);                                       \
   template ForwardProblemOf<Size> check_backward_args<Size>(                                     \
       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,  \
       const std::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,      \
@@ -355,7 +360,8 @@ TORCH_LIBRARY(partialconv_cuda, m) {
   m.def(
       "partial_conv_forward(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, "
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, "
-      "float negative_slope) -> (Tensor output, Tensor updated_mask, Tensor mask_scales)",
+      "float negative_slope, str normalization=\"window\") -> "
+      "(Tensor output, Tensor updated_mask, Tensor mask_scales)",
       {at::Tag::pt2_compliant_tag});
   // output is the forward output (read only when activation != 'none'); output_mask selects
   // (grad_input, grad_weight, grad_bias); a gradient not asked for is returned undefined (None).

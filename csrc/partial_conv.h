@@ -39,7 +39,8 @@ ForwardProblemOf<Size> check_forward_args(const at::Tensor& input,
                                           const std::optional<at::Tensor>& bias,
                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                           at::IntArrayRef dilation, int64_t groups,
-                                          std::string_view activation, double negative_slope);
+                                          std::string_view activation, double negative_slope,
+                                          std::string_view normalization = "window");
 
 // The forward checks plus the tensors only backward receives.
 template <typename Size>

@@ -28,6 +28,11 @@ namespace partialconv {
 
 enum class Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
 
+// The factor the convolution is renormalised by where its window sees valid pixels:
+//   kWindow: winsize / S, the paper's sum(1)/sum(M) (NVIDIA's layers);
+//   kSum:    1 / S, the seed's layer and implementations trained like it.
+enum class Normalization : int { kWindow = 0, kSum = 1 };
+
 // Spatial dimensions every problem is expressed in: depth, height, width.
 constexpr int kDims = 3;
 
@@ -46,6 +51,7 @@ struct ConvShape {
   // Spatial dimensions of the tensors: 1, 2 or 3 (the arrays above hold kDims - spatial_dims
   // leading unit dimensions).
   int spatial_dims;
+  Normalization normalization;
 
   template <typename other_t>
   PCONV_HOST_DEVICE ConvShape<other_t> as() const {
@@ -59,6 +65,7 @@ struct ConvShape {
     }
     g.mask_batch = other_t(mask_batch), g.mask_channels = other_t(mask_channels);
     g.spatial_dims = spatial_dims;
+    g.normalization = normalization;
     return g;
   }
   PCONV_HOST_DEVICE index_t in_channels_per_group() const { return in_channels / groups; }
@@ -72,6 +79,10 @@ struct ConvShape {
   // winsize of the formula: every element the mask window covers.
   PCONV_HOST_DEVICE index_t window_size() const {
     return (multi_channel_mask() ? in_channels : index_t(1)) * taps();
+  }
+  // The numerator of the ratio numerator / S: winsize, or 1 for Normalization::kSum.
+  PCONV_HOST_DEVICE index_t ratio_numerator() const {
+    return normalization == Normalization::kSum ? index_t(1) : window_size();
   }
 };
 
@@ -164,14 +175,15 @@ PCONV_HOST_DEVICE bool is_hole(MaskScale<acc_t> s) {
   return s.ratio == acc_t(0) && s.update == acc_t(0);
 }
 
-// winsize / S * U == winsize / max(S, 1) for S > 0 (U = S below 1): the divisor is never below 1.
+// numerator / S * U == numerator / max(S, 1) for S > 0 (U = S below 1; the numerator is winsize,
+// or 1: ConvShape::ratio_numerator): the divisor is never below 1.
 // A non-finite S (the mask holds NaN or an infinity in the window) follows the formula: S = NaN
 // gives U = ratio = NaN; S = +inf gives U = 1, ratio = 0 (and conv(X*M) is not finite, so the
 // output is NaN); S = -inf gives U = 0 and a NaN ratio, so that the output is NaN, not a hole.
 template <typename acc_t>
-PCONV_HOST_DEVICE MaskScale<acc_t> mask_scale(acc_t mask_sum, acc_t window_size) {
+PCONV_HOST_DEVICE MaskScale<acc_t> mask_scale(acc_t mask_sum, acc_t numerator) {
   if (mask_sum > acc_t(0)) {
-    return {divide_by_at_least_one(window_size, mask_sum < acc_t(1) ? acc_t(1) : mask_sum),
+    return {divide_by_at_least_one(numerator, mask_sum < acc_t(1) ? acc_t(1) : mask_sum),
             mask_sum < acc_t(1) ? mask_sum : acc_t(1)};
   }
   if (mask_sum != mask_sum) return {mask_sum, mask_sum};  // NaN

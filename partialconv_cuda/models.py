@@ -81,6 +81,7 @@ class ReferencePartialConv2d(PartialConv2d):
         output, updated_mask = partial_conv_reference(
             input, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
             self.groups, self.activation, self.negative_slope, nan_safe=self.nan_safe,
+            normalization=self.normalization,
         )
         return (output, updated_mask) if self.return_mask else output
 

@@ -2,7 +2,7 @@
 convolution layers, as subclasses of nn.Conv1d / nn.Conv2d / nn.Conv3d."""
 from torch import nn
 
-from .ops import activation_name, partial_conv1d, partial_conv2d, partial_conv3d
+from .ops import activation_name, normalization_name, partial_conv1d, partial_conv2d, partial_conv3d
 
 
 class _PartialConvMixin:
@@ -12,6 +12,8 @@ class _PartialConvMixin:
       multi_channel: the mask has one channel per input channel (else a single channel)
       return_mask:   forward returns (output, updated_mask) instead of output
       activation:    None, 'relu' or 'leaky_relu' (fused; negative_slope for leaky_relu)
+      normalization: 'window' (the default: sum(1)/sum(M), the paper's and NVIDIA's) or 'sum'
+                     (1/sum(M): for checkpoints of layers that divide by the mask sum alone)
 
     forward(input, mask=None): mask (N or 1, 1 or C_in, *spatial), 1 = valid, 0 = hole; None
     means all ones, which makes the layer partial-convolution-based padding (Liu et al. 2018b).
@@ -21,7 +23,7 @@ class _PartialConvMixin:
     _functional = None  # partial_conv1d, partial_conv2d or partial_conv3d
 
     def __init__(self, *args, multi_channel=False, return_mask=False, activation=None,
-                 negative_slope=0.01, **kwargs):
+                 negative_slope=0.01, normalization="window", **kwargs):
         super().__init__(*args, **kwargs)
         name = type(self).__name__
         if self.padding_mode != "zeros":
@@ -32,6 +34,7 @@ class _PartialConvMixin:
         self.return_mask = return_mask
         self.activation = activation_name(activation, name)
         self.negative_slope = negative_slope
+        self.normalization = normalization_name(normalization, name)
 
     def forward(self, input, mask=None, *, mask_in=None):
         name = type(self).__name__
@@ -49,7 +52,7 @@ class _PartialConvMixin:
                 )
         output, updated_mask = type(self)._functional(
             input, mask, self.weight, self.bias, self.stride, self.padding, self.dilation,
-            self.groups, self.activation, self.negative_slope,
+            self.groups, self.activation, self.negative_slope, self.normalization,
         )
         if not self.return_mask:
             return output
@@ -67,6 +70,8 @@ class _PartialConvMixin:
             extra.append(f"activation={self.activation!r}")
             if self.activation == "leaky_relu":
                 extra.append(f"negative_slope={self.negative_slope}")
+        if self.normalization != "window":
+            extra.append(f"normalization={self.normalization!r}")
         return ", ".join([super().extra_repr()] + extra)
 
 

@@ -12,6 +12,7 @@ from . import _extension  # noqa: F401  (loads the ops)
 _FORWARD = torch.ops.partialconv_cuda.partial_conv_forward.default
 _BACKWARD = torch.ops.partialconv_cuda.partial_conv_backward.default
 _ACTIVATIONS = ("none", "relu", "leaky_relu")
+_NORMALIZATIONS = ("window", "sum")
 _TUPLE = {1: _single, 2: _pair, 3: _triple}
 _INPUT_SHAPE = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
@@ -74,8 +75,15 @@ def _transformed(*tensors):
         t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def normalization_name(normalization, name="partial_conv"):
+    """Checks the normalization argument: 'window' (sum(1)/sum(M)) or 'sum' (1/sum(M))."""
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(f"{name}: expected normalization to be 'window' or 'sum', got {normalization!r}")
+    return normalization
+
+
 def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, groups, activation,
-                  negative_slope):
+                  negative_slope, normalization):
     name = f"partial_conv{dims}d"
     if input.dim() != dims + 2:
         raise ValueError(
@@ -84,7 +92,7 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
         )
     stride, padding, dilation = conv_arguments(dims, weight, stride, padding, dilation, name)
     params = ConvParams(stride, padding, dilation, groups, activation_name(activation, name),
-                        float(negative_slope))
+                        float(negative_slope), normalization_name(normalization, name))
     # torch.compile cannot trace an autograd.Function with a jvp: it traces the op, whose reverse
     # mode is registered below.
     if not torch.compiler.is_compiling() and _transformed(input, mask, weight, bias):
@@ -104,26 +112,28 @@ _DOC = """Partial convolution in {dims} spatial dimension{s}: returns (output, u
     of the mask, U = clamp(S, 0, 1) and winsize = prod(kernel) (C_in * prod(kernel) for a
     multi-channel mask); updated_mask = U, shaped (N, 1, ...) for a single-channel (or absent)
     mask and (N, C_out, ...) for a multi-channel one (an expanded view). activation: None, 'relu'
-    or 'leaky_relu' (with negative_slope >= 0).
+    or 'leaky_relu' (with negative_slope >= 0). normalization: 'window' (the formula above, the
+    paper's sum(1)/sum(M)) or 'sum' (winsize replaced by 1: 1/sum(M), as layers that divide by
+    the mask sum alone compute).
     """
 
 
 def partial_conv1d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                   activation=None, negative_slope=0.01):
+                   activation=None, negative_slope=0.01, normalization="window"):
     return _partial_conv(1, input, mask, weight, bias, stride, padding, dilation, groups, activation,
-                         negative_slope)
+                         negative_slope, normalization)
 
 
 def partial_conv2d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                   activation=None, negative_slope=0.01):
+                   activation=None, negative_slope=0.01, normalization="window"):
     return _partial_conv(2, input, mask, weight, bias, stride, padding, dilation, groups, activation,
-                         negative_slope)
+                         negative_slope, normalization)
 
 
 def partial_conv3d(input, mask, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
-                   activation=None, negative_slope=0.01):
+                   activation=None, negative_slope=0.01, normalization="window"):
     return _partial_conv(3, input, mask, weight, bias, stride, padding, dilation, groups, activation,
-                         negative_slope)
+                         negative_slope, normalization)
 
 
 for _dims, _function in ((1, partial_conv1d), (2, partial_conv2d), (3, partial_conv3d)):
@@ -136,15 +146,22 @@ class ConvParams:
     """The non-tensor arguments of the ops, in their order, as one object: the autograd.Functions
     below take it whole, so that torch.func does not flatten its lists into their leaves."""
 
-    __slots__ = ("stride", "padding", "dilation", "groups", "activation", "negative_slope")
+    __slots__ = ("stride", "padding", "dilation", "groups", "activation", "negative_slope", "normalization")
 
-    def __init__(self, stride, padding, dilation, groups, activation, negative_slope):
+    def __init__(self, stride, padding, dilation, groups, activation, negative_slope, normalization="window"):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.activation, self.negative_slope = groups, activation, negative_slope
+        self.normalization = normalization
 
     def __iter__(self):
-        return iter((self.stride, self.padding, self.dilation, self.groups, self.activation,
-                     self.negative_slope))
+        """The forward op's arguments after the tensors."""
+        return iter((*self.backward_args(), self.normalization))
+
+    def backward_args(self):
+        """The backward op's arguments between the tensors and output_mask (the normalization is
+        in the saved ratio already)."""
+        return (self.stride, self.padding, self.dilation, self.groups, self.activation,
+                self.negative_slope)
 
 
 class BackwardRequest:
@@ -190,7 +207,7 @@ def _op_setup_context(ctx, inputs, output):
 
 def _op_backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
     grad_input, grad_weight, grad_bias = _gradients(ctx, grad_output)
-    return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None
+    return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 # Reverse mode of the op itself, for every caller of it (torch.compile and torch.export trace it).
@@ -214,7 +231,7 @@ class _FirstOrderBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, input, mask, weight, out, mask_scales, request):
-        return _BACKWARD(grad_output, input, mask, weight, out, mask_scales, *request.params,
+        return _BACKWARD(grad_output, input, mask, weight, out, mask_scales, *request.params.backward_args(),
                          request.output_mask)
 
     @staticmethod
@@ -260,7 +277,7 @@ class PartialConvFunction(torch.autograd.Function):
     def jvp(ctx, input_tangent, _mask_tangent, weight_tangent, bias_tangent, _params):
         input, mask, weight, out, _ = ctx.saved_tensors
         params = ctx.params
-        linear = (params.stride, params.padding, params.dilation, params.groups, "none", 0.0)
+        linear = (params.stride, params.padding, params.dilation, params.groups, "none", 0.0, params.normalization)
         tangent = None
         if input_tangent is not None or bias_tangent is not None:
             dx = input_tangent if input_tangent is not None else torch.zeros_like(input)

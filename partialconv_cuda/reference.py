@@ -7,6 +7,9 @@ renormalisation, as in NVIDIA's PartialConv2d / PartialConv3d).
     ratio = winsize / S * U where S > 0, else 0       (winsize = prod(kernel), or C_in*prod(kernel))
     out   = act((conv(X*M, W) * ratio + b) * U)
 
+normalization="sum" replaces winsize by 1 (ratio = U / S: layers that divide by the mask sum
+alone, like the seed's).
+
 Unlike NVIDIA's files, U multiplies the output with and without a bias (the two differ only for
 soft masks), and a fully masked window gives 0 rather than NaN in float16 (no 1e-8 added to S).
 """
@@ -31,6 +34,7 @@ def partial_conv_reference(
     activation=None,
     negative_slope=0.01,
     nan_safe=True,
+    normalization="window",
 ):
     """Returns (output, updated_mask) like partialconv_cuda.partial_conv1d/2d/3d, the dimension
     taken from the input's rank.
@@ -52,7 +56,9 @@ def partial_conv_reference(
     with torch.no_grad():
         ones = torch.ones(1, mask.shape[1], *kernel, dtype=mask.dtype, device=mask.device)
         mask_sum = conv(mask, ones, None, stride, padding, dilation)
-        window_size = mask.shape[1] * math.prod(kernel)
+        if normalization not in ("window", "sum"):
+            raise ValueError(f"normalization must be 'window' or 'sum', got {normalization!r}")
+        window_size = mask.shape[1] * math.prod(kernel) if normalization == "window" else 1
         update = mask_sum.clamp(0, 1)
         ratio = torch.where(mask_sum > 0, window_size / mask_sum, 0) * update
     masked = input * mask

@@ -16,7 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_autocast(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, c10::string_view normalization) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
@@ -26,12 +26,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_autocast(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
               const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-              at::IntArrayRef, int64_t, c10::string_view, double)>();
+              at::IntArrayRef, int64_t, c10::string_view, double, c10::string_view)>();
   return op.call(at::autocast::cached_cast(dtype, input, device_type),
                  at::autocast::cached_cast(dtype, mask, device_type),
                  at::autocast::cached_cast(dtype, weight, device_type),
                  at::autocast::cached_cast(dtype, bias, device_type), stride, padding, dilation,
-                 groups, activation, negative_slope);
+                 groups, activation, negative_slope, normalization);
 }
 
 }  // namespace

@@ -135,11 +135,11 @@ void compute_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tens
   }
   acc_t* scales = mask_scales.mutable_data_ptr<acc_t>();
   scalar_t* update = updated_mask.mutable_data_ptr<scalar_t>();
-  const acc_t window_size = acc_t(g.window_size());
+  const acc_t numerator = acc_t(g.ratio_numerator());
   at::parallel_for(0, g.mask_batch * P, grain(4), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i % P, nm = i / P;
-      const MaskScale<acc_t> scale = mask_scale(sums_data[i], window_size);
+      const MaskScale<acc_t> scale = mask_scale(sums_data[i], numerator);
       scales[(2 * nm) * P + p] = scale.ratio;
       scales[(2 * nm + 1) * P + p] = scale.update;
       update[i] = static_cast<scalar_t>(scale.update);

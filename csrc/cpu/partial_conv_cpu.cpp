@@ -87,9 +87,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, c10::string_view normalization) {
   const ForwardProblem problem = check_forward_args<int64_t>(
-      input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope);
+      input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope, normalization);
   const at::NoGradGuard no_grad;  // the scratch GEMMs below are not part of any autograd graph
   auto [output, updated_mask, mask_scales] = allocate_forward_outputs(input, problem.geometry);
   const at::Tensor mask_t = mask.value_or(at::Tensor()), bias_t = bias.value_or(at::Tensor());

@@ -278,7 +278,7 @@ __global__ void mask_scales_kernel(const MaskScalesArgs<scalar_t, acc_t, index_t
   const ConvShape<index_t>& g = args.g;
   const index_t positions = g.out_positions();
   const index_t total = g.mask_batch * positions;
-  const acc_t window_size = acc_t(g.window_size());
+  const acc_t numerator = acc_t(g.ratio_numerator());
   grid_stride(total, [&](index_t i) {
     index_t nm, o[kDims];
     const index_t p = args.grid.decode(i, nm, o);
@@ -293,7 +293,7 @@ __global__ void mask_scales_kernel(const MaskScalesArgs<scalar_t, acc_t, index_t
       sum = window_mask_sum<acc_t, scalar_t, index_t>(m.data != nullptr ? m.data + nm * m.stride[0] : nullptr,
                                                       index_t(1), index_t(0), strides, g, o);
     }
-    const MaskScale<acc_t> scale = mask_scale(sum, window_size);
+    const MaskScale<acc_t> scale = mask_scale(sum, numerator);
     args.mask_scales[2 * nm * positions + p] = scale.ratio;
     args.mask_scales[(2 * nm + 1) * positions + p] = scale.update;
     args.updated_mask[i] = static_cast<scalar_t>(scale.update);

@@ -381,9 +381,10 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& input, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, double negative_slope) {
+    at::IntArrayRef dilation, int64_t groups, c10::string_view activation, double negative_slope,
+    c10::string_view normalization) {
   const ForwardProblem problem = check_forward_args<int64_t>(input, mask, weight, bias, stride, padding, dilation,
-                                                             groups, activation, negative_slope);
+                                                             groups, activation, negative_slope, normalization);
   const ConvGeometry& g = problem.geometry;
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::NoGradGuard no_grad;  // the vendor path's ATen operations are not part of any autograd graph

@@ -14,9 +14,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_meta(
     const at::Tensor& input, const std::optional<at::Tensor>& mask, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-    double negative_slope) {
+    double negative_slope, c10::string_view normalization) {
   const ForwardProblemOf<c10::SymInt> problem = check_forward_args<c10::SymInt>(
-      input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope);
+      input, mask, weight, bias, stride, padding, dilation, groups, activation, negative_slope, normalization);
   return allocate_forward_outputs(input, problem.geometry);
 }
 
