@@ -78,22 +78,17 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
-// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count.
-// Branch-free (the activation and the hole test are selects), so that g++ vectorises it; the unit
-// stride has its own loop.
+// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count; the
+// unit stride has its own loop (g++ vectorises it), and so has the in-place case (one pointer, so
+// that g++ sees no aliasing).
 template <Activation act, typename scalar_t, typename acc_t>
 void write_output_line(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
                        acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
   const auto value = [&](acc_t conv_value, int64_t i) {
-    const acc_t y = (conv_value * ratio[i] + bias) * update[i];
-    const acc_t activated = act == Activation::kNone ? y
-                            : act == Activation::kRelu ? (y > acc_t(0) ? y : acc_t(0))
-                                                       : (y > acc_t(0) ? y : y * slope);
-    const bool hole = ratio[i] == acc_t(0) && update[i] == acc_t(0);  // is_hole, as a select
-    return static_cast<scalar_t>(hole ? acc_t(0) : activated);
+    return static_cast<scalar_t>(partial_conv_output(conv_value, MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
   };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (out_stride == 1 && out == conv) {  // in place: one pointer, so that g++ sees no aliasing
+    if (out_stride == 1 && out == conv) {
       for (int64_t i = 0; i < count; ++i) out[i] = value(out[i], i);
       return;
     }
@@ -105,32 +100,25 @@ void write_output_line(const acc_t* conv, const acc_t* ratio, const acc_t* updat
   }
 }
 
-// grad_conv[i] = dL/dconv at count positions of one output line, from the incoming
-// gradient and the output (read only for an activation); returns the line's dL/dbias. Branch-free
-// like write_output_line; the bias sum runs in kLanes partial sums added in a fixed order (the
-// same result on every call), so that the loop vectorises.
+// grad_conv[i] = dL/dconv at count positions of one output line, from the incoming gradient and
+// the output (read only for an activation); returns the line's dL/dbias. The bias sum runs in
+// kLanes partial sums added in a fixed order (the same result on every call), so that g++
+// vectorises the loop (a single running sum is a reduction it may not reorder).
 template <Activation act, typename scalar_t, typename acc_t>
 acc_t scale_output_grad_line(const scalar_t* grad, int64_t grad_stride, const scalar_t* out,
                              int64_t out_stride, const acc_t* ratio, const acc_t* update,
                              acc_t slope, acc_t* grad_conv, int64_t count) {
   constexpr int64_t kLanes = 8;
-  // dL/dbias at position i: g * act'(z) * U, 0 in a hole; dL/dconv = that * ratio.
-  const auto bias_grad = [&](acc_t g, acc_t z, int64_t i) {
-    const acc_t slope_here = act == Activation::kNone ? acc_t(1)
-                             : z > acc_t(0)            ? acc_t(1)
-                             : act == Activation::kRelu ? acc_t(0)
-                                                        : slope;
-    const bool hole = ratio[i] == acc_t(0) && update[i] == acc_t(0);
-    return hole ? acc_t(0) : g * slope_here * update[i];
-  };
   acc_t lanes[kLanes] = {};
   const auto run = [&](auto unit_strides) {
     constexpr bool unit = decltype(unit_strides)::value;
     const int64_t gs = unit ? 1 : grad_stride, zs = unit ? 1 : out_stride;
     const auto step = [&](int64_t i, acc_t& lane) {
-      const acc_t gb = bias_grad(acc_t(grad[i * gs]), act == Activation::kNone ? acc_t(0) : acc_t(out[i * zs]), i);
-      grad_conv[i] = gb * ratio[i];
-      lane += gb;
+      const OutputGrad<acc_t> og = partial_conv_output_grad(
+          acc_t(grad[i * gs]), act == Activation::kNone ? acc_t(0) : acc_t(out[i * zs]),
+          MaskScale<acc_t>{ratio[i], update[i]}, act, slope);
+      grad_conv[i] = og.conv;
+      lane += og.bias;
     };
     int64_t i = 0;
     for (; i + kLanes <= count; i += kLanes)
