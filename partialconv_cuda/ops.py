@@ -1,8 +1,9 @@
 """The functional API (partial_conv1d, partial_conv2d, partial_conv3d: one op underneath, its
-dimension taken from the input's rank), and autograd around the C++ ops: reverse mode through the
-backward op, forward mode (torch.func.jvp, jacfwd) through the forward op, and the torch.func
-transforms. The fake kernels that torch.compile and torch.export run are C++ Meta kernels
-(csrc/meta/) sharing the backends' argument checks."""
+dimension taken from the input's rank), and the autograd the C++ ops cannot give themselves:
+forward mode (torch.func.jvp, jacfwd) through the forward op, and the torch.func transforms. Plain
+reverse mode is the ops' C++ Autograd kernels (csrc/autograd/); the fake kernels that
+torch.compile and torch.export run are C++ Meta kernels (csrc/meta/) sharing the backends'
+argument checks."""
 import torch
 from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair, _single, _triple
@@ -32,7 +33,7 @@ def _padding(padding, kernel_size, stride, dilation, name):
     """Numeric padding per spatial dimension for an int, a tuple, or nn.Conv*d's 'valid' / 'same'."""
     dims = len(kernel_size)
     if not isinstance(padding, str):
-        return _TUPLE[dims](padding)
+        return _per_dimension(padding, dims)
     if padding == "valid":
         return (0,) * dims
     if padding != "same":
@@ -61,18 +62,24 @@ def conv_output_size(size, kernel, stride, padding, dilation):
                  for n, k, s, p, d in zip(size, kernel, stride, padding, dilation))
 
 
+def _per_dimension(value, dims):
+    """nn.Conv*d's argument rule (an int repeated per spatial dimension, a sequence as a tuple:
+    its length is the op's check), with the common int case first."""
+    return (value,) * dims if isinstance(value, int) else _TUPLE[dims](value)
+
+
 def conv_arguments(dims, weight, stride, padding, dilation, name):
     """(stride, padding, dilation) as the op takes them: one int per spatial dimension."""
-    stride, dilation = _TUPLE[dims](stride), _TUPLE[dims](dilation)
+    stride, dilation = _per_dimension(stride, dims), _per_dimension(dilation, dims)
     return stride, _padding(padding, weight.shape[2:], stride, dilation, name), dilation
 
 
-def _transformed(*tensors):
-    """Whether forward-mode AD or a torch.func transform sees these tensors: then the call needs
-    PartialConvFunction (below); plain eager and reverse-mode calls take the op directly, which
-    costs less (autograd.Function.apply binds its arguments through inspect.signature)."""
-    return forward_ad._current_level >= 0 or any(
-        t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+def _transformed():
+    """Whether forward-mode AD or a torch.func transform is active: then the call needs
+    PartialConvFunction (below); plain eager and reverse-mode calls take the op directly, whose
+    C++ autograd costs far less (autograd.Function.apply binds its arguments through
+    inspect.signature) but gives neither tangents nor functorch support."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
 
 
 def normalization_name(normalization, name="partial_conv"):
@@ -94,13 +101,17 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
     params = ConvParams(stride, padding, dilation, groups, activation_name(activation, name),
                         float(negative_slope), normalization_name(normalization, name))
     # torch.compile cannot trace an autograd.Function with a jvp: it traces the op, whose reverse
-    # mode is registered below.
-    if not torch.compiler.is_compiling() and _transformed(input, mask, weight, bias):
+    # mode is its C++ Autograd kernel.
+    if not torch.compiler.is_compiling() and _transformed():
         output, updated_mask, _ = PartialConvFunction.apply(input, mask, weight, bias, params)
     else:
         output, updated_mask, _ = _FORWARD(input, mask, weight, bias, *params)
-    channels = weight.shape[0] if mask is not None and mask.shape[1] > 1 else 1
-    return output, updated_mask.expand(input.shape[0], channels, *updated_mask.shape[2:])
+    batch = input.shape[0]
+    if mask is not None and mask.shape[1] > 1:
+        return output, updated_mask.expand(batch, weight.shape[0], *updated_mask.shape[2:])
+    if updated_mask.shape[0] != batch:  # one mask for the whole batch
+        return output, updated_mask.expand(batch, *updated_mask.shape[1:])
+    return output, updated_mask
 
 
 _DOC = """Partial convolution in {dims} spatial dimension{s}: returns (output, updated_mask).
@@ -179,42 +190,6 @@ def _activation_derivative(output, params):
     return torch.where(output > 0, output.new_ones(()), output.new_full((), slope))
 
 
-def _save(ctx, input, mask, weight, bias, params, output):
-    out, updated_mask, mask_scales = output
-    ctx.params = params
-    ctx.has_bias = bias is not None
-    # The mask only reaches backward through its per-position scales and as the factor M of
-    # grad_input; the activation's derivative is read off the output.
-    saved = (input, mask, weight, out if params.activation != "none" else None, mask_scales)
-    ctx.save_for_backward(*saved)
-    if hasattr(ctx, "save_for_forward"):  # an autograd.Function's ctx (register_autograd's has none)
-        ctx.save_for_forward(*saved)
-    ctx.mark_non_differentiable(updated_mask, mask_scales)
-
-
-def _gradients(ctx, grad_output):
-    """(grad_input, grad_weight, grad_bias), each None where not needed."""
-    input, mask, weight, out, mask_scales = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
-    return _FirstOrderBackward.apply(grad_output, input, mask, weight, out, mask_scales,
-                                     BackwardRequest(ctx.params, output_mask))
-
-
-def _op_setup_context(ctx, inputs, output):
-    _save(ctx, *inputs[:4], ConvParams(*inputs[4:]), output)
-
-
-def _op_backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
-    grad_input, grad_weight, grad_bias = _gradients(ctx, grad_output)
-    return grad_input, None, grad_weight, grad_bias, None, None, None, None, None, None, None
-
-
-# Reverse mode of the op itself, for every caller of it (torch.compile and torch.export trace it).
-torch.library.register_autograd(
-    "partialconv_cuda::partial_conv_forward", _op_backward, setup_context=_op_setup_context
-)
-
 _NO_SECOND_ORDER = (
     "partial_conv: second-order derivatives (double backward, hessians, forward mode over reverse "
     "mode) through the layer are not supported; use partialconv_cuda.partial_conv_reference for "
@@ -223,9 +198,11 @@ _NO_SECOND_ORDER = (
 
 
 class _FirstOrderBackward(torch.autograd.Function):
-    """partial_conv_backward, whose own derivatives raise a clear error: backward may run with
-    create_graph=True (torch.func.grad and jacrev always do), but differentiating its result
-    again is refused instead of silently giving zeros."""
+    """partial_conv_backward for PartialConvFunction, whose own derivatives raise a clear error:
+    backward may run with create_graph=True (torch.func.grad and jacrev always do), but
+    differentiating its result again is refused instead of silently giving zeros. (The backward
+    op's C++ Autograd kernel refuses the same way, but functorch refuses C++ autograd Functions
+    before it could say why.)"""
 
     generate_vmap_rule = True
 
@@ -248,9 +225,9 @@ class _FirstOrderBackward(torch.autograd.Function):
 
 
 class PartialConvFunction(torch.autograd.Function):
-    """Autograd of partial_conv_forward for eager calls of the functions above: the reverse mode
-    registered on the op, plus forward mode and the torch.func transforms (which the op's own
-    registration cannot give: it would return zero tangents).
+    """Autograd of partial_conv_forward for calls of the functions above under forward-mode AD or
+    a torch.func transform: the reverse mode of the op's C++ kernel, plus forward mode and
+    functorch support (which a C++ autograd Function cannot give).
 
     Forward mode uses that the output before the activation, (conv(X*M, W) * ratio + b) * U, is
     linear in X, W and b for a fixed mask:
@@ -266,11 +243,24 @@ class PartialConvFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _save(ctx, *inputs, output)
+        input, mask, weight, bias, params = inputs
+        out, updated_mask, mask_scales = output
+        ctx.params = params
+        ctx.has_bias = bias is not None
+        # As the C++ kernel saves: the mask reaches backward only through its per-position scales
+        # and as the factor M of grad_input; the activation's derivative is read off the output.
+        saved = (input, mask, weight, out if params.activation != "none" else None, mask_scales)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.mark_non_differentiable(updated_mask, mask_scales)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_updated_mask, _grad_mask_scales):
-        grad_input, grad_weight, grad_bias = _gradients(ctx, grad_output)
+        input, mask, weight, out, mask_scales = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        output_mask = [needs[0], needs[2], ctx.has_bias and needs[3]]
+        grad_input, grad_weight, grad_bias = _FirstOrderBackward.apply(
+            grad_output, input, mask, weight, out, mask_scales, BackwardRequest(ctx.params, output_mask))
         return grad_input, None, grad_weight, grad_bias, None
 
     @staticmethod
