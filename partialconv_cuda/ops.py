@@ -9,6 +9,7 @@ from torch.autograd import forward_ad
 from torch.nn.modules.utils import _pair, _single, _triple
 
 from . import _extension  # noqa: F401  (loads the ops)
+from .export_onnx import partial_conv_forward_in_standard_ops
 
 _FORWARD = torch.ops.partialconv_cuda.partial_conv_forward.default
 _BACKWARD = torch.ops.partialconv_cuda.partial_conv_backward.default
@@ -100,9 +101,13 @@ def _partial_conv(dims, input, mask, weight, bias, stride, padding, dilation, gr
     stride, padding, dilation = conv_arguments(dims, weight, stride, padding, dilation, name)
     params = ConvParams(stride, padding, dilation, groups, activation_name(activation, name),
                         float(negative_slope), normalization_name(normalization, name))
+    # torch.onnx.export traces the op's formula in standard operators (export_onnx.py);
+    # is_exporting() first: it is the cheap check of the two.
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        output, updated_mask, _ = partial_conv_forward_in_standard_ops(input, mask, weight, bias, *params)
     # torch.compile cannot trace an autograd.Function with a jvp: it traces the op, whose reverse
     # mode is its C++ Autograd kernel.
-    if not torch.compiler.is_compiling() and _transformed():
+    elif not torch.compiler.is_compiling() and _transformed():
         output, updated_mask, _ = PartialConvFunction.apply(input, mask, weight, bias, params)
     else:
         output, updated_mask, _ = _FORWARD(input, mask, weight, bias, *params)
