@@ -4,7 +4,7 @@ import torch
 
 from conftest import random_problem, to_device
 from partialconv_cuda import partial_conv2d, partial_conv_reference
-from test_forward import CASES
+from test_forward import CASES, case_id
 
 GRADCHECK_CASES = [
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="single", activation=None),
@@ -34,27 +34,28 @@ def test_gradcheck(case, bias, device):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def test_gradients_match_reference_autograd(device):
-    """Every grid case: grad_input, grad_weight, grad_bias equal autograd through the reference."""
-    for i, case in enumerate(CASES[:42]):
-        x, m, w, b = to_device(
-            random_problem(n=case["n"], cin=case["cin"], cout=case["cout"], size=case["size"],
-                           kernel=case["kernel"], groups=case["groups"], bias=True,
-                           mask=case["mask"], seed=i),
-            device,
-        )
-        kwargs = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
-                      groups=case["groups"], activation=case["activation"], negative_slope=0.2)
-        grads = []
-        for fn in (partial_conv2d, partial_conv_reference):
-            leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-            out, _ = fn(leaves[0], m, leaves[1], leaves[2], **kwargs)
-            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(i),
-                                   dtype=out.dtype).to(device)
-            out.backward(upstream)
-            grads.append([t.grad for t in leaves])
-        for ours, ref in zip(*grads):
-            torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+@pytest.mark.parametrize("i", range(42), ids=lambda i: case_id(CASES[i]))
+def test_gradients_match_reference_autograd(i, device):
+    """The grid's cases: grad_input, grad_weight, grad_bias equal autograd through the reference."""
+    case = CASES[i]
+    x, m, w, b = to_device(
+        random_problem(n=case["n"], cin=case["cin"], cout=case["cout"], size=case["size"],
+                       kernel=case["kernel"], groups=case["groups"], bias=True,
+                       mask=case["mask"], seed=i),
+        device,
+    )
+    kwargs = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                  groups=case["groups"], activation=case["activation"], negative_slope=0.2)
+    grads = []
+    for fn in (partial_conv2d, partial_conv_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out, _ = fn(leaves[0], m, leaves[1], leaves[2], **kwargs)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(i),
+                               dtype=out.dtype).to(device)
+        out.backward(upstream)
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
 
 
 def test_mask_gets_no_gradient_and_holes_get_zero(device):
@@ -150,3 +151,37 @@ def test_dense_path_with_several_bands_matches_reference(shape, monkeypatch):
         assert empty_rows[0].any() and not empty_rows[0].all(), "the stripes should split image 0 into bands"
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+
+
+def _arranged(t, layout):
+    """t (N, C, H, W) with the same values in another memory layout."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "every_other_column":  # rows follow each other, elements 2 apart
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 5, dtype=t.dtype)  # narrowed: rows do not follow
+    wide[..., : t.shape[-1]] = t
+    return wide[..., : t.shape[-1]]
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "every_other_column", "narrowed_rows"])
+@pytest.mark.parametrize("mask", ["single", "multi"])
+def test_dense_path_layouts_match_contiguous(layout, mask, monkeypatch):
+    """The dense path copies, scales and writes the lines of one depth as one line where they
+    follow each other in memory (contiguous, channels_last, every other column) and line by line
+    where they do not (a narrowed width): the same outputs and gradients either way, with the
+    input, mask and incoming gradient in the layout."""
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH", "dense")
+    x, m, w, b = random_problem(n=2, cin=3, cout=4, size=(9, 7), mask=mask, seed=13)
+    upstream = torch.randn(2, 4, 5, 4, generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+    kwargs = dict(stride=2, padding=1, activation="leaky_relu", negative_slope=0.2)
+    results = []
+    for arrange in (lambda t: t, lambda t: _arranged(t, layout)):
+        leaves = [arrange(x).detach().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+        out, updated = partial_conv2d(leaves[0], arrange(m), leaves[1], leaves[2], **kwargs)
+        out.backward(arrange(upstream))
+        results.append([out.detach(), updated] + [t.grad for t in leaves])
+    for arranged, contiguous in zip(results[1], results[0]):
+        torch.testing.assert_close(arranged, contiguous, rtol=1e-12, atol=1e-12)

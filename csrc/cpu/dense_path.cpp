@@ -129,17 +129,22 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
   acc_t* data = buffer.data_ptr<acc_t>();
   const int64_t lines = box.lines(), width = box.extent(2);
   const int64_t w_lo = std::max<int64_t>(box.lo[2], 0), w_hi = std::min(box.hi[2], g.in_size[2]);
+  // Lines inside the input, of its whole width, whose rows follow each other: copied as one.
+  const bool merge = box.lo[2] == 0 && box.hi[2] == g.in_size[2] && rows_follow(x, width) &&
+                     rows_follow(m, width);
   at::parallel_for(0, g.in_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t c = i / lines, d = box.depth(i % lines), h = box.height(i % lines);
+    for (int64_t i = begin, run = 1; i < end; i += run) {
+      const int64_t c = i / lines, line = i % lines, d = box.depth(line), h = box.height(line);
       acc_t* dst = data + i * width;
+      run = 1;
       if (d < 0 || d >= g.in_size[0] || h < 0 || h >= g.in_size[1] || w_hi <= w_lo) {
         std::fill(dst, dst + width, acc_t(0));
         continue;
       }
+      run = lines_in_run(merge, line, box.extent(1), std::min(end - i, g.in_size[1] - h));
       std::fill(dst, dst + (w_lo - box.lo[2]), acc_t(0));
       gather_masked_line(x.line(n, c, d, h), x.s[4], mask_line(m, g, n, c, d, h), m.s[4], w_lo, 1,
-                         w_hi - w_lo, dst + (w_lo - box.lo[2]));
+                         run * (w_hi - w_lo), dst + (w_lo - box.lo[2]));
       std::fill(dst + (w_hi - box.lo[2]), dst + width, acc_t(0));
     }
   });
@@ -228,17 +233,19 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
                                 output.is_contiguous() && conv.sizes() == output.sizes();
       if (whole_output) output = conv;
       const StridedTensor<scalar_t> dst_view = whole_output ? StridedTensor<scalar_t>(conv) : out;
-      const Box box = band_box(g, g.out_size, band.begin, band.end);
+      const Box box = band_box(g, g.out_size, band.begin, band.end);  // of the whole width
       const int64_t lines = box.lines(), width = box.extent(2);
+      const bool merge = rows_follow(dst_view, width);
       at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
+        for (int64_t i = begin, run = 1; i < end; i += run) {
           const int64_t c = i / lines, line = i % lines, p0 = scales_offset(g, box, line);
+          run = lines_in_run(merge, line, box.extent(1), end - i);
           const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
           scalar_t* dst = dst_view.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
           with_activation(problem.activation, [&](auto act) {
             write_output_line<decltype(act)::value>(conv_data + i * width, scales.ratio + p0,
                                                     scales.update + p0, bias_c, slope, dst,
-                                                    dst_view.s[4], width);
+                                                    dst_view.s[4], run * width);
           });
         }
       });
@@ -286,8 +293,9 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
     bool written_directly = false;
     for (const Band& band : bands) {
-      const Box box = band_box(g, g.out_size, band.begin, band.end);
+      const Box box = band_box(g, g.out_size, band.begin, band.end);  // of the whole width
       const int64_t lines = box.lines(), width = box.extent(2);
+      const bool merge = rows_follow(gout, width) && rows_follow(z, width);
       at::Tensor grad_conv = grad_conv_buffer.narrow(0, 0, g.out_channels * box.positions())
                                  .view(band_shape(g, g.out_channels, box));
       acc_t* grad_conv_data = grad_conv.data_ptr<acc_t>();
@@ -295,14 +303,15 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       at::parallel_for(0, g.out_channels, grain(box.positions()), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           acc_t bias_sum = acc_t(0);
-          for (int64_t line = 0; line < lines; ++line) {
+          for (int64_t line = 0, run = 1; line < lines; line += run) {
+            run = lines_in_run(merge, line, box.extent(1), lines - line);
             const int64_t d = box.depth(line), h = box.height(line), p0 = scales_offset(g, box, line);
             with_activation(problem.activation, [&](auto act) {
               bias_sum += scale_output_grad_line<decltype(act)::value>(
                   gout.line(n, c, d, h) + box.lo[2] * gout.s[4], gout.s[4],
                   z.data ? z.line(n, c, d, h) + box.lo[2] * z.s[4] : nullptr, z.s[4],
                   scales.ratio + p0, scales.update + p0, slope,
-                  grad_conv_data + (c * lines + line) * width, width);
+                  grad_conv_data + (c * lines + line) * width, run * width);
             });
           }
           grad_bias_data[c] += bias_sum;
