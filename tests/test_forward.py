@@ -56,8 +56,12 @@ def run_both(case, device, dtype=torch.float64, seed=0):
     return partial_conv2d(x, m, w, b, **kwargs), partial_conv_reference(x, m, w, b, **kwargs), (x, m, w, b)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-p{padding[0]}{padding[1]}"
-                         "-d{dilation[0]}{dilation[1]}-g{groups}-{mask}-b{bias:d}-{activation}".format(**c))
+def case_id(case):
+    return ("k{kernel[0]}x{kernel[1]}-s{stride[0]}{stride[1]}-p{padding[0]}{padding[1]}"
+            "-d{dilation[0]}{dilation[1]}-g{groups}-{mask}-b{bias:d}-{activation}".format(**case))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_reference_float64(case, device):
     (out, mask_out), (ref, ref_mask), _ = run_both(case, device, seed=stable_seed(case))
     assert out.shape == ref.shape and mask_out.shape == ref_mask.shape
@@ -79,21 +83,21 @@ def test_grid_covers_the_contract():
     assert any(c["dilation"] != (1, 1) for c in CASES) and any(c["stride"] != (1, 1) for c in CASES)
 
 
+@pytest.mark.parametrize("case", CASES[:24], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_low_precision_close_to_float64(dtype, device):
+def test_low_precision_close_to_float64(dtype, case, device):
     """Half types accumulate in float: on the same (rounded) inputs the result is the float64
-    result rounded once, and at most 2x the error of the pure-PyTorch layer in that dtype."""
-    for case in CASES[:24]:
-        (out, mask_out), _, (x, m, w, b) = run_both(case, device, dtype=dtype)
-        exact, exact_mask = partial_conv_reference(
-            *[None if t is None else t.double() for t in (x, m, w, b)],
-            stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
-            groups=case["groups"], activation=case["activation"], negative_slope=0.2)
-        assert out.dtype == dtype and mask_out.dtype == dtype
-        eps = torch.finfo(dtype).eps
-        scale = exact.abs().amax().clamp_min(1)
-        torch.testing.assert_close(out.double(), exact, rtol=2 * eps, atol=8 * eps * scale)
-        torch.testing.assert_close(mask_out.double(), exact_mask, rtol=eps, atol=0)
+    result rounded once (and below, at most 2x the error of the pure-PyTorch layer in that dtype)."""
+    (out, mask_out), _, (x, m, w, b) = run_both(case, device, dtype=dtype)
+    exact, exact_mask = partial_conv_reference(
+        *[None if t is None else t.double() for t in (x, m, w, b)],
+        stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+        groups=case["groups"], activation=case["activation"], negative_slope=0.2)
+    assert out.dtype == dtype and mask_out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    scale = exact.abs().amax().clamp_min(1)
+    torch.testing.assert_close(out.double(), exact, rtol=2 * eps, atol=8 * eps * scale)
+    torch.testing.assert_close(mask_out.double(), exact_mask, rtol=eps, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

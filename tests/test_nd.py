@@ -99,19 +99,22 @@ def test_matches_reference_float64(dims, case, device):
         assert before_activation.abs().max() > 0
 
 
-@pytest.mark.parametrize("dims", [1, 3])
-def test_gradients_match_reference_autograd(dims, device):
-    for i, case in enumerate(CASES[dims][:24]):
-        x, m, w, b = problem(dict(case, bias=True), device, seed=i)
-        grads = []
-        for fn in (FUNCTIONS[dims], partial_conv_reference):
-            leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-            out, _ = fn(leaves[0], m, leaves[1], leaves[2], **conv_kwargs(case))
-            upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(i), dtype=out.dtype).to(device)
-            out.backward(upstream)
-            grads.append([t.grad for t in leaves])
-        for ours, ref in zip(*grads):
-            torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+GRADIENT_GRID = [(dims, i) for dims in (1, 3) for i in range(24)]
+
+
+@pytest.mark.parametrize(("dims", "i"), GRADIENT_GRID, ids=[f"{d}d-{case_id(CASES[d][i])}" for d, i in GRADIENT_GRID])
+def test_gradients_match_reference_autograd(dims, i, device):
+    case = CASES[dims][i]
+    x, m, w, b = problem(dict(case, bias=True), device, seed=i)
+    grads = []
+    for fn in (FUNCTIONS[dims], partial_conv_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out, _ = fn(leaves[0], m, leaves[1], leaves[2], **conv_kwargs(case))
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(i), dtype=out.dtype).to(device)
+        out.backward(upstream)
+        grads.append([t.grad for t in leaves])
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
 
 
 GRADCHECK_CASES = {
@@ -141,21 +144,23 @@ def test_gradcheck(dims, case, bias, device):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+LOW_PRECISION_GRID = [(dims, case) for dims in (1, 3) for case in CASES[dims][:14]]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("dims", [1, 3])
-def test_low_precision_close_to_float64(dims, dtype, device):
+@pytest.mark.parametrize(("dims", "case"), LOW_PRECISION_GRID, ids=[f"{d}d-{case_id(c)}" for d, c in LOW_PRECISION_GRID])
+def test_low_precision_close_to_float64(dims, case, dtype, device):
     """Half types accumulate in float: on the same (rounded) inputs, the float64 result rounded
     once (the tolerance of the 2-D test)."""
-    for case in CASES[dims][:14]:
-        x, m, w, b = problem(case, device, dtype=dtype)
-        out, mask_out = FUNCTIONS[dims](x, m, w, b, **conv_kwargs(case))
-        exact, exact_mask = partial_conv_reference(*[None if t is None else t.double() for t in (x, m, w, b)],
-                                                   **conv_kwargs(case))
-        assert out.dtype == dtype and mask_out.dtype == dtype
-        eps = torch.finfo(dtype).eps
-        scale = exact.abs().amax().clamp_min(1)
-        torch.testing.assert_close(out.double(), exact, rtol=2 * eps, atol=8 * eps * scale)
-        torch.testing.assert_close(mask_out.double(), exact_mask, rtol=eps, atol=0)
+    x, m, w, b = problem(case, device, dtype=dtype)
+    out, mask_out = FUNCTIONS[dims](x, m, w, b, **conv_kwargs(case))
+    exact, exact_mask = partial_conv_reference(*[None if t is None else t.double() for t in (x, m, w, b)],
+                                               **conv_kwargs(case))
+    assert out.dtype == dtype and mask_out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    scale = exact.abs().amax().clamp_min(1)
+    torch.testing.assert_close(out.double(), exact, rtol=2 * eps, atol=8 * eps * scale)
+    torch.testing.assert_close(mask_out.double(), exact_mask, rtol=eps, atol=0)
 
 
 def test_channels_last_3d_needs_no_copy_and_changes_nothing():
