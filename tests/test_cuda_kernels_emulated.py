@@ -24,6 +24,7 @@ from partialconv_cuda.ops import conv_output_size
 HARNESS = emulation_build.EMULATION_DIR / "run_partial_conv.cpp"
 DTYPES = {torch.float64: 0, torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2}
+NORMALIZATIONS = {"window": 0, "sum": 1}
 # The kernels' #pragma unroll means nothing to g++; c10's Half and BFloat16 come from torch.
 EXTRA_FLAGS = ("-Wno-unknown-pragmas", f"-I{torch.utils.cpp_extension.include_paths()[0]}")
 RUN_TIMEOUT_S = 900
@@ -51,7 +52,8 @@ def run_emulated(binary, directory, case, dtype, x, m, w, b, grad, landing, vend
               n, cin, cout, case["groups"], *spatial(x.shape[2:], dims, 1), *spatial(w.shape[2:], dims, 1),
               *spatial(case["stride"], dims, 1), *spatial(case["padding"], dims, 0), *spatial(case["dilation"], dims, 1),
               1 if m is None else m.shape[0], 0 if m is None else m.shape[1], int(b is not None),
-              ACTIVATIONS[case["activation"]], 1, 1, int(b is not None), case.get("multiprocessors", 132)]
+              ACTIVATIONS[case["activation"]], 1, 1, int(b is not None), case.get("multiprocessors", 132),
+              NORMALIZATIONS[case.get("normalization", "window")]]
     arrays = [t for t in (x, m, w, b, grad) if t is not None]
     case_file, result_file = directory / "case.bin", directory / "result.bin"
     with open(case_file, "wb") as f:
@@ -84,7 +86,8 @@ def expected(case, x, m, w, b, grad):
     leaves = [None if t is None else t.detach().to(torch.float64, copy=True).requires_grad_() for t in (x, w, b)]
     mask = None if m is None else m.double()
     kwargs = {k: case[k] for k in ("stride", "padding", "dilation", "groups", "activation")}
-    out, updated = partial_conv_reference(leaves[0], mask, leaves[1], leaves[2],
+    normalization = case.get("normalization", "window")
+    out, updated = partial_conv_reference(leaves[0], mask, leaves[1], leaves[2], normalization=normalization,
                                           negative_slope=case.get("negative_slope", 0.2), **kwargs)
     out.backward(grad.double())
     dims = x.dim() - 2
@@ -92,7 +95,7 @@ def expected(case, x, m, w, b, grad):
     source = torch.ones(1, 1, *x.shape[2:], dtype=torch.float64) if mask is None else mask
     window_sum = conv(source, torch.ones(1, source.shape[1], *w.shape[2:], dtype=torch.float64), None,
                       case["stride"], case["padding"], case["dilation"])
-    window_size = source.shape[1] * w.shape[2:].numel()
+    window_size = source.shape[1] * w.shape[2:].numel() if normalization == "window" else 1
     update = window_sum.clamp(0, 1)
     ratio = torch.where(window_sum > 0, window_size / window_sum.clamp_min(1), 0)
     results = {"output": out.detach(), "updated_mask": update[:, :1], "mask_scales": torch.cat([ratio, update], 1),
@@ -153,7 +156,8 @@ def case_id(case):
     return (f"{len(case['kernel'])}d-k{join(case['kernel'])}-s{join(case['stride'])}-g{case['groups']}-{case['mask']}"
             f"-{case['activation']}" + (f"-n{case['n']}" if "n" in case else "")
             + (f"-c{case['cin']}x{case['cout']}" if "cin" in case else "") + ("-tf32" if case.get("tf32") else "")
-            + (f"-sm{case['multiprocessors']}" if "multiprocessors" in case else ""))
+            + (f"-sm{case['multiprocessors']}" if "multiprocessors" in case else "")
+            + (f"-{case['normalization']}" if "normalization" in case else ""))
 
 
 CASES = [
@@ -195,6 +199,22 @@ def landing_runs(landing):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_emulated_kernels_float64(case, harness, tmp_path):
     check(case, torch.float64, harness, tmp_path, seed=3, runs=landing_runs("wait"))
+
+
+# normalization="sum" (ratio U / S instead of winsize * U / S): one constant of the mask-scales
+# kernel that the fused and the vendor path share.
+SUM_NORMALIZATION_CASES = [
+    dict(kernel=(3, 3), stride=(2, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="multi", activation="relu",
+         normalization="sum"),
+    dict(kernel=(3, 3, 3), stride=(1, 2, 2), padding=(1, 1, 1), dilation=(1, 1, 1), groups=1, mask="single",
+         activation=None, size=(4, 7, 6), normalization="sum"),
+]
+
+
+@pytest.mark.parametrize("vendor", [False, True], ids=["fused", "vendor"])
+@pytest.mark.parametrize("case", SUM_NORMALIZATION_CASES, ids=case_id)
+def test_emulated_sum_normalization(case, vendor, harness, tmp_path):
+    check(case, torch.float64, harness, tmp_path, seed=5, vendor=vendor)
 
 
 LOW_PRECISION = [(torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, False)]
@@ -278,7 +298,7 @@ def test_every_pconv_unet_layer_fills_a_wave(harness, tmp_path):
         k, s, pad = layer.kernel_size, layer.stride, layer.padding
         header = [DTYPES[torch.float16], 0, 0, 0, 2, 8, layer.in_channels, layer.out_channels, 1,
                   1, workload.height, workload.width, 1, k, k, 1, s, s, 0, pad, pad, 1, 1, 1,
-                  8, layer.in_channels if layer.multi_channel else 1, int(layer.bias), 0, 1, 1, 1, 132]
+                  8, layer.in_channels if layer.multi_channel else 1, int(layer.bias), 0, 1, 1, 1, 132, 0]
         case_file.write_bytes(struct.pack(f"<{len(header)}q", *header) + struct.pack("<d", 0.2))
         result = emulation_build.run(harness[emulation_build.ADDRESS], "--plan", str(case_file))
         assert result.returncode == 0, result.stderr

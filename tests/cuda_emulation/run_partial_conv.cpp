@@ -43,6 +43,7 @@ struct CaseHeader {
   int64_t in_size[kDims], kernel[kDims], stride[kDims], pad[kDims], dilation[kDims];
   int64_t mask_batch, mask_channels, has_bias, activation;
   int64_t need_input, need_weight, need_bias, multiprocessors;
+  int64_t normalization;  // 0 window, 1 sum (partialconv::Normalization)
 };
 
 // A (n, c, *spatial) tensor in memory as the kernels see it: channels-first or channels-last
@@ -123,6 +124,7 @@ ConvGeometry geometry_of(const CaseHeader& h) {
   ConvGeometry g{};
   g.batch = h.batch, g.in_channels = h.in_channels, g.out_channels = h.out_channels, g.groups = h.groups;
   g.mask_batch = h.mask_batch, g.mask_channels = h.mask_channels, g.spatial_dims = int(h.spatial_dims);
+  g.normalization = static_cast<partialconv::Normalization>(h.normalization);
   for (int d = 0; d < kDims; ++d) {
     g.in_size[d] = h.in_size[d], g.kernel[d] = h.kernel[d], g.stride[d] = h.stride[d];
     g.pad[d] = h.pad[d], g.dilation[d] = h.dilation[d];
