@@ -205,3 +205,21 @@ def test_autocast_3d(dtype):
     ref, _ = partial_conv_reference(*low, padding=1)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.detach().double(), ref, rtol=2 * eps, atol=8 * eps * ref.abs().max().item())
+
+
+def test_compiled_autograd_traces_backward():
+    """torch's compiled autograd traces the backward graph through the op's C++ autograd node
+    (which it refuses when a node has non-differentiable outputs) and gives eager's gradients."""
+    torch.manual_seed(0)
+    layer = PartialConv2d(3, 4, 3, padding=1, activation="relu")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    m = (torch.rand(2, 1, 8, 8) > 0.3).float()
+
+    def gradients():
+        return torch.autograd.grad(layer(x, m).square().sum(), [x, layer.weight, layer.bias])
+
+    expected = gradients()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        got = gradients()
+    for ours, want in zip(got, expected):
+        torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)

@@ -73,6 +73,9 @@ std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// The node's only differentiable output is the op's output; the updated mask and the mask scales
+// leave through `rest` without autograd history (a node with non-differentiable outputs is one
+// compiled autograd refuses).
 class PartialConvForward : public torch::autograd::Function<PartialConvForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
@@ -80,11 +83,13 @@ class PartialConvForward : public torch::autograd::Function<PartialConvForward> 
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                c10::string_view activation, double negative_slope,
-                               c10::string_view normalization) {
+                               c10::string_view normalization, Outputs* rest) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, updated_mask, mask_scales] =
         forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups,
                           activation, negative_slope, normalization);
+    std::get<1>(*rest) = updated_mask;
+    std::get<2>(*rest) = mask_scales;
     // The mask reaches backward only through its per-position scales and as the factor M of
     // grad_input; the activation's derivative is read off the output.
     const bool activated = activation != "none";
@@ -98,11 +103,10 @@ class PartialConvForward : public torch::autograd::Function<PartialConvForward> 
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["has_mask"] = defined(mask);
     ctx->saved_data["has_bias"] = defined(bias);
-    ctx->mark_non_differentiable({updated_mask, mask_scales});
-    return {output, updated_mask, mask_scales};
+    return {output};
   }
 
-  // One gradient per forward argument (11); the mask and the non-tensor arguments get none.
+  // One gradient per forward argument (12); the mask and the non-tensor arguments get none.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const bool has_mask = ctx->saved_data["has_mask"].toBool();
@@ -121,7 +125,7 @@ class PartialConvForward : public torch::autograd::Function<PartialConvForward> 
         padding, dilation, ctx->saved_data["groups"].toInt(), activation,
         ctx->saved_data["negative_slope"].toDouble(), output_mask);
     at::Tensor none;
-    return {grad_input, none, grad_weight, grad_bias, none, none, none, none, none, none, none};
+    return {grad_input, none, grad_weight, grad_bias, none, none, none, none, none, none, none, none};
   }
 };
 
@@ -151,10 +155,11 @@ Outputs partial_conv_forward_autograd(const at::Tensor& input,
     return forward_op().call(input, mask, weight, bias, stride, padding, dilation, groups,
                              activation, negative_slope, normalization);
   }
-  const variable_list outputs =
+  Outputs outputs;
+  std::get<0>(outputs) =
       PartialConvForward::apply(input, mask, weight, bias, stride, padding, dilation, groups,
-                                activation, negative_slope, normalization);
-  return {outputs[0], outputs[1], outputs[2]};
+                                activation, negative_slope, normalization, &outputs)[0];
+  return outputs;
 }
 
 Outputs partial_conv_backward_autograd(const at::Tensor& grad_output, const at::Tensor& input,
