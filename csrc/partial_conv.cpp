@@ -1,6 +1,7 @@
 // Schema of the partialconv_cuda ops and the argument checks shared by every backend and by the
 // fake (Meta) kernels.
 #include "partial_conv.h"
+#include "op_handles.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -343,6 +344,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
   template std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs<Size>(         \
       const at::Tensor&, const ConvShape<Size>&);                                                 \
   template std::vector<Size> spatial_sizes<Size>(const Size (&)[kDims], int);
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("partialconv_cuda::partial_conv_forward", "")
+                             .typed<ForwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("partialconv_cuda::partial_conv_backward", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
+
 PCONV_INSTANTIATE_CHECKS(int64_t)
 PCONV_INSTANTIATE_CHECKS(c10::SymInt)
 #undef PCONV_INSTANTIATE_CHECKS

@@ -2,11 +2,12 @@
 // device, as conv2d does, then runs the backend kernel below autocast. Backward needs no entry:
 // it receives tensors that already share one dtype.
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <optional>
 #include <tuple>
+
+#include "../op_handles.h"
 
 namespace partialconv {
 namespace {
@@ -20,18 +21,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_autocast(
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device_type));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device_type);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("partialconv_cuda::partial_conv_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-              const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
-              at::IntArrayRef, int64_t, c10::string_view, double, c10::string_view)>();
-  return op.call(at::autocast::cached_cast(dtype, input, device_type),
-                 at::autocast::cached_cast(dtype, mask, device_type),
-                 at::autocast::cached_cast(dtype, weight, device_type),
-                 at::autocast::cached_cast(dtype, bias, device_type), stride, padding, dilation,
-                 groups, activation, negative_slope, normalization);
+  return forward_op().call(at::autocast::cached_cast(dtype, input, device_type),
+                           at::autocast::cached_cast(dtype, mask, device_type),
+                           at::autocast::cached_cast(dtype, weight, device_type),
+                           at::autocast::cached_cast(dtype, bias, device_type), stride, padding,
+                           dilation, groups, activation, negative_slope, normalization);
 }
 
 }  // namespace

@@ -8,7 +8,6 @@
 // the torch.func transforms, which C++ autograd Functions do not support, are served in Python
 // (partialconv_cuda/ops.py, PartialConvFunction), whose forward reaches this kernel with no input
 // requiring a gradient, which records nothing.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -18,47 +17,19 @@
 #include <tuple>
 #include <vector>
 
+#include "../op_handles.h"
+
 namespace partialconv {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Outputs = OpOutputs;
 
 constexpr const char* kNoSecondOrder =
     "partial_conv: second-order derivatives (double backward, hessians, forward mode over reverse "
     "mode) through the layer are not supported; use partialconv_cuda.partial_conv_reference for "
     "them";
-
-const c10::TypedOperatorHandle<Outputs(const at::Tensor&, const std::optional<at::Tensor>&,
-                                       const at::Tensor&, const std::optional<at::Tensor>&,
-                                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                       c10::string_view, double, c10::string_view)>&
-forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("partialconv_cuda::partial_conv_forward", "")
-                             .typed<Outputs(const at::Tensor&, const std::optional<at::Tensor>&,
-                                            const at::Tensor&, const std::optional<at::Tensor>&,
-                                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                            int64_t, c10::string_view, double, c10::string_view)>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<Outputs(const at::Tensor&, const at::Tensor&,
-                                       const std::optional<at::Tensor>&, const at::Tensor&,
-                                       const std::optional<at::Tensor>&, const at::Tensor&,
-                                       at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                                       c10::string_view, double, std::array<bool, 3>)>&
-backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("partialconv_cuda::partial_conv_backward", "")
-          .typed<Outputs(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
-                         c10::string_view, double, std::array<bool, 3>)>();
-  return op;
-}
 
 bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
