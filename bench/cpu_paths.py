@@ -13,6 +13,8 @@ import partialconv_cuda
 from partialconv_cuda.masks import irregular_masks
 from partialconv_cuda.models import pconv_unet_layers
 
+from .timing import keep_freed_memory
+
 HOLE_RATIOS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 IMAGE_SIZE = 256  # the CPU benchmark's image: enc2 and dec2 see 128x128
 
@@ -52,6 +54,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    print(keep_freed_memory() or "malloc left at its defaults (not glibc)")
     layers = {layer.name: layer for layer in pconv_unet_layers()}
     generator = torch.Generator().manual_seed(0)
     print("| layer | holes | valid | fwd dense | fwd packed | fwd+bwd dense | fwd+bwd packed |")

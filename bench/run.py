@@ -31,7 +31,7 @@ from .roofline import floor_ms, measure_peaks
 from .report import FWD, FWD_BWD, TRAIN_STEP, markdown, write_plot
 from .suites_nd import (SPEECH1D, SPEECH_LAYER_NAMES, SUITE_CONTENDERS, VIDEO3D, VIDEO_LAYER_NAMES,
                         speech_workloads, video_workloads)
-from .timing import Clock, Measurement, Policy, last_level_cache_bytes, rotation_count
+from .timing import Clock, Measurement, Policy, keep_freed_memory, last_level_cache_bytes, rotation_count
 from .workloads import HOLE_SWEEP, LAYER_NAMES, SUITE, MaskBank, layer_workloads, make_inputs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +102,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's, %d here)" % torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc at its defaults; by default the benchmark makes it keep "
+                             "freed memory, so that timings do not vary with page faults (bench/NOTES.md)")
     parser.add_argument("--no-plot", action="store_true")
     return parser.parse_args(argv)
 
@@ -249,6 +252,9 @@ def resolve_settings(args):
                    if THREADS_PINNED else "not pinned (torch was loaded before bench set OMP_PROC_BIND)")
         notes.append(f"CPU: {threads} threads (torch.set_num_threads) {pinning}, "
                      f"{torch.backends.cpu.get_cpu_capability()} kernels; ms are perf_counter wall times of each call")
+        allocator = None if args.default_malloc else keep_freed_memory()
+        notes.append(allocator or "malloc left at its defaults (--default-malloc, or not glibc): timings include "
+                                  "page faults of memory freed before")
     return settings, notes
 
 

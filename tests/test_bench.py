@@ -1,5 +1,6 @@
 """The benchmark's --quick path at tiny sizes, and the pieces its numbers rest on."""
 import json
+import platform
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from bench import cpu_paths
 from bench.report import multiply_add_check
 from bench.roofline import floor_ms
 from bench.run import main
-from bench.timing import rotation_count
+from bench.timing import keep_freed_memory, rotation_count
 from bench.workloads import SUITE, concatenated_mask, layer_workloads, unet_layer_masks
 from partialconv_cuda.masks import irregular_masks
 from partialconv_cuda.models import PConvUNet
@@ -78,6 +79,13 @@ def test_a_contender_that_cannot_run_is_reported_as_failed(tmp_path, monkeypatch
     assert status[("ours", "fwd")] == ("failed", "NotImplementedError: no kernel for this device")
     assert status[("ours", "fwd+bwd")][0] == "failed"
     assert "NotImplementedError: no kernel for this device" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_allocator_is_set_to_keep_freed_memory_on_glibc():
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    note = keep_freed_memory()
+    assert note is not None and "no trimming" in note and platform.libc_ver()[1] in note
 
 
 def test_multiply_adds_match_the_paper():
