@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import random_problem, to_device
-from partialconv_cuda import partial_conv2d, partial_conv_reference
+from partialconv_cuda import info, partial_conv2d, partial_conv3d, partial_conv_reference
 from test_forward import CASES, case_id
 
 GRADCHECK_CASES = [
@@ -151,6 +151,64 @@ def test_dense_path_with_several_bands_matches_reference(shape, monkeypatch):
         assert empty_rows[0].any() and not empty_rows[0].all(), "the stripes should split image 0 into bands"
     for ours, ref in zip(*results):
         torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+
+
+CHANNELS_LAST_BAND_CASES = [
+    # (the dense path copies bands channels-last for float32-accumulated layers with few output and
+    # enough input channels: dense_path.cpp's channels_last_bands)
+    dict(id="dec1-like", cin=20, cout=3, size=(23, 21), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="multi", activation="leaky_relu"),
+    dict(id="strided-dilated", cin=16, cout=32, size=(19, 17), kernel=(5, 3), stride=2, padding=(2, 1), dilation=(1, 2),
+         mask="batch1", activation="relu"),
+    dict(id="stripes", cin=17, cout=4, size=(24, 9), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="stripes", activation=None),
+    dict(id="input-channels-last", cin=16, cout=8, size=(13, 12), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="multi", activation=None, layout="channels_last"),
+    dict(id="narrowed-rows", cin=18, cout=5, size=(11, 10), kernel=(3, 3), stride=1, padding=2, dilation=2,
+         mask="single", activation="leaky_relu", layout="narrowed_rows"),
+    dict(id="wide-lines", cin=64, cout=2, size=(3, 1100), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="multi", activation=None),
+    dict(id="3d", cin=64, cout=3, size=(5, 6, 7), kernel=(3, 3, 3), stride=1, padding=1, dilation=1,
+         mask="multi", activation="leaky_relu"),
+    dict(id="bfloat16", cin=16, cout=3, size=(9, 10), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="single", activation=None, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CHANNELS_LAST_BAND_CASES, ids=lambda c: c["id"])
+def test_channels_last_bands_match_reference(case, monkeypatch):
+    """Outputs, updated masks and gradients of layers whose dense-path forward copies its bands
+    channels-last (forward_path says so) equal the float64 reference."""
+    monkeypatch.setenv("PARTIALCONV_CPU_PATH", "dense")
+    dtype = case.get("dtype", torch.float32)
+    stripes = case["mask"] == "stripes"
+    x, m, w, b = random_problem(n=2, cin=case["cin"], cout=case["cout"], size=case["size"], kernel=case["kernel"],
+                                mask="single" if stripes else case["mask"], seed=17)
+    if stripes:
+        m[:, :, 6:13] = 0  # rows of holes wider than the window: several bands per image
+    kwargs = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                  activation=case["activation"], negative_slope=0.2)
+    spatial = len(case["size"])
+    layer = {2: partial_conv2d, 3: partial_conv3d}[spatial]
+    arrange = (lambda t: t) if "layout" not in case else (lambda t: _arranged(t, case["layout"]))
+    xs, ms = arrange(x.to(dtype)), arrange(m.to(dtype))
+    path = info.forward_path(xs, ms, w.to(dtype), case["stride"], case["padding"], case["dilation"])
+    assert "with channels-last bands" in path, path
+    leaves = [xs.detach().requires_grad_(), w.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()]
+    out, updated = layer(leaves[0], ms, leaves[1], leaves[2], **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out.backward(upstream.to(dtype))
+    exact = [t.to(dtype).double().requires_grad_() for t in (x, w, b)]
+    ref, ref_updated = partial_conv_reference(exact[0], m.to(dtype).double(), exact[1], exact[2], **kwargs)
+    ref.backward(upstream)
+    if stripes:
+        assert (ref_updated[0, 0] == 0).all(dim=-1).any(), "the stripes should split image 0 into bands"
+    # float32 sums of up to 64 * 27 products; bfloat16 results rounded once from float32 sums.
+    tolerance = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(updated.double(), ref_updated, rtol=0, atol=0)
+    for ours, expected in [(out, ref)] + [(t.grad, e.grad) for t, e in zip(leaves, exact)]:
+        scale = expected.abs().amax().item()
+        torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance * scale)
 
 
 def _arranged(t, layout):

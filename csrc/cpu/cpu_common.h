@@ -14,6 +14,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
 #include "../partial_conv.h"
 
 namespace partialconv {
@@ -93,25 +97,25 @@ void with_activation(Activation act, F&& f) {
   }
 }
 
-// out[i * out_stride] = partial_conv_output(conv[i], {ratio[i], update[i]}, bias), i < count; the
-// unit stride has its own loop (g++ vectorises it), and so has the in-place case (one pointer, so
-// that g++ sees no aliasing).
+// out[i * out_stride] = partial_conv_output(conv[i * conv_stride], {ratio[i], update[i]}, bias),
+// i < count; unit strides have their own loop (g++ vectorises it), and so has the in-place case
+// (one pointer, so that g++ sees no aliasing).
 template <Activation act, typename scalar_t, typename acc_t>
-void write_output_line(const acc_t* conv, const acc_t* ratio, const acc_t* update, acc_t bias,
-                       acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
+void write_output_line(const acc_t* conv, int64_t conv_stride, const acc_t* ratio, const acc_t* update,
+                       acc_t bias, acc_t slope, scalar_t* out, int64_t out_stride, int64_t count) {
   const auto value = [&](acc_t conv_value, int64_t i) {
     return static_cast<scalar_t>(partial_conv_output(conv_value, MaskScale<acc_t>{ratio[i], update[i]}, bias, act, slope));
   };
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (out_stride == 1 && out == conv) {
+    if (out_stride == 1 && conv_stride == 1 && out == conv) {
       for (int64_t i = 0; i < count; ++i) out[i] = value(out[i], i);
       return;
     }
   }
-  if (out_stride == 1) {
+  if (out_stride == 1 && conv_stride == 1) {
     for (int64_t i = 0; i < count; ++i) out[i] = value(conv[i], i);
   } else {
-    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(conv[i], i);
+    for (int64_t i = 0; i < count; ++i) out[i * out_stride] = value(conv[i * conv_stride], i);
   }
 }
 
@@ -169,6 +173,37 @@ void gather_masked_line(const scalar_t* x_line, int64_t x_stride, const scalar_t
     const acc_t v = acc_t(x_line[ix * x_stride]);
     dst[i] = m_line != nullptr ? masked_value(v, acc_t(m_line[ix * m_stride])) : v;
   }
+}
+
+// dst[i * C + c] = rows[c * row_stride + i] for i < count, c < C: `count` positions of C channel
+// rows, written position by position with their channels (channels-last), in address order (dst
+// is a band of megabytes, not in any cache: its write misses are what this loop costs). Float
+// channels go four at a time through SSE 4x4 transposes of four positions.
+template <typename T>
+void transpose_rows_to_positions(const T* rows, int64_t row_stride, int64_t C, int64_t count, T* dst) {
+  int64_t i = 0;
+#if defined(__SSE__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + 4 <= count; i += 4) {
+      float* out = dst + i * C;
+      int64_t c = 0;
+      for (; c + 4 <= C; c += 4) {
+        const float* r = rows + c * row_stride + i;
+        __m128 a = _mm_loadu_ps(r), b = _mm_loadu_ps(r + row_stride);
+        __m128 e = _mm_loadu_ps(r + 2 * row_stride), f = _mm_loadu_ps(r + 3 * row_stride);
+        _MM_TRANSPOSE4_PS(a, b, e, f);
+        _mm_storeu_ps(out + c, a);
+        _mm_storeu_ps(out + C + c, b);
+        _mm_storeu_ps(out + 2 * C + c, e);
+        _mm_storeu_ps(out + 3 * C + c, f);
+      }
+      for (; c < C; ++c)
+        for (int64_t k = 0; k < 4; ++k) out[k * C + c] = rows[c * row_stride + i + k];
+    }
+  }
+#endif
+  for (; i < count; ++i)
+    for (int64_t c = 0; c < C; ++c) dst[i * C + c] = rows[c * row_stride + i];
 }
 
 // The mask line matching input line (n, c, d, h): the mask image of n, its channel c for a

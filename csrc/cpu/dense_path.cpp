@@ -4,7 +4,8 @@
 // convolution (oneDNN), whose direct convolution reads each input once instead of prod(kernel)
 // times as the packed columns do; the epilogue then applies ratio, bias, U and activation. Slabs
 // of output positions that are all holes skip the convolution. Backward goes through
-// at::convolution_backward band by band.
+// at::convolution_backward band by band. Bands are copied channels-first or channels-last,
+// whichever oneDNN convolves faster for the layer's shape (channels_last_bands; forward only).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -119,25 +120,76 @@ std::vector<int64_t> band_shape(const ConvGeometry& g, int64_t channels, const B
   return shape;
 }
 
+// The first C * box.positions() elements of `buffer` as a (1, C, *box extents) tensor, contiguous
+// or channels-last.
+at::Tensor band_tensor(const at::Tensor& buffer, const ConvGeometry& g, int64_t C, const Box& box,
+                       bool channels_last) {
+  if (!channels_last) return buffer.view(band_shape(g, C, box));
+  std::vector<int64_t> shape = band_shape(g, 1, box);  // {1, 1, extents}: the channel axis moved last
+  shape.erase(shape.begin() + 1);
+  shape.push_back(C);
+  return buffer.view(shape).movedim(-1, 1);
+}
+
 // The masked input of one image over `box` (which may reach past the input: zeros there), as a
-// contiguous (1, C_in, *box extents) tensor of acc_t in this thread's masked-band scratch.
+// (1, C_in, *box extents) tensor of acc_t in this thread's masked-band scratch, contiguous or
+// channels-last.
 template <typename scalar_t, typename acc_t>
 at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
-                       const ConvGeometry& g, int64_t n, const Box& box, const at::TensorOptions& options) {
-  const int64_t elements = g.in_channels * box.positions();
-  const at::Tensor buffer = thread_scratch(Scratch::kMaskedBand, elements, options);
+                       const ConvGeometry& g, int64_t n, const Box& box, const at::TensorOptions& options,
+                       bool channels_last) {
+  const int64_t C = g.in_channels;
+  const at::Tensor buffer = thread_scratch(Scratch::kMaskedBand, C * box.positions(), options);
   acc_t* data = buffer.data_ptr<acc_t>();
   const int64_t lines = box.lines(), width = box.extent(2);
   const int64_t w_lo = std::max<int64_t>(box.lo[2], 0), w_hi = std::min(box.hi[2], g.in_size[2]);
+  const auto outside = [&](int64_t d, int64_t h) {
+    return d < 0 || d >= g.in_size[0] || h < 0 || h >= g.in_size[1] || w_hi <= w_lo;
+  };
   // Lines inside the input, of its whole width, whose rows follow each other: copied as one.
   const bool merge = box.lo[2] == 0 && box.hi[2] == g.in_size[2] && rows_follow(x, width) &&
                      rows_follow(m, width);
-  at::parallel_for(0, g.in_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+  if (channels_last) {
+    // In pieces of up to `piece` positions (whole lines, several where they merge): each channel's
+    // piece is gathered channels-first into `rows` (contiguous reads, vectorised; 2 * C_in streams
+    // of a few kB), then written to the band position by position with all its channels
+    // (contiguous writes). Rows are piece + 16 elements apart, so that the C_in values of one
+    // position fall in different L1 cache sets. (Gathering straight into the interleaved layout
+    // read one cache line of each of 2 * C_in planes in turn, planes a power of two apart that
+    // evict each other, and wrote each band cache line in 16 pieces: dec1's copy took 40 ms.)
+    const int64_t piece = std::clamp<int64_t>((int64_t(1) << 16) / C, 16, 1024), row_stride = piece + 16;
+    at::parallel_for(0, lines, grain(width * C), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> rows(size_t(C * row_stride));
+      for (int64_t line = begin, run = 1; line < end; line += run) {
+        const int64_t d = box.depth(line), h = box.height(line);
+        acc_t* dst = data + line * width * C;
+        run = 1;
+        if (outside(d, h)) {
+          std::fill(dst, dst + width * C, acc_t(0));
+          continue;
+        }
+        run = lines_in_run(merge, line, box.extent(1),
+                           std::min({end - line, g.in_size[1] - h, std::max<int64_t>(1, piece / width)}));
+        const int64_t count = run * (w_hi - w_lo);
+        std::fill(dst, dst + (w_lo - box.lo[2]) * C, acc_t(0));
+        for (int64_t p0 = 0; p0 < count; p0 += piece) {
+          const int64_t n_positions = std::min(piece, count - p0);
+          for (int64_t c = 0; c < C; ++c)
+            gather_masked_line(x.line(n, c, d, h), x.s[4], mask_line(m, g, n, c, d, h), m.s[4], w_lo + p0, 1,
+                               n_positions, rows.data() + c * row_stride);
+          transpose_rows_to_positions(rows.data(), row_stride, C, n_positions, dst + (w_lo - box.lo[2] + p0) * C);
+        }
+        std::fill(dst + (w_lo - box.lo[2] + count) * C, dst + run * width * C, acc_t(0));
+      }
+    });
+    return band_tensor(buffer, g, C, box, /*channels_last=*/true);
+  }
+  at::parallel_for(0, C * lines, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin, run = 1; i < end; i += run) {
       const int64_t c = i / lines, line = i % lines, d = box.depth(line), h = box.height(line);
       acc_t* dst = data + i * width;
       run = 1;
-      if (d < 0 || d >= g.in_size[0] || h < 0 || h >= g.in_size[1] || w_hi <= w_lo) {
+      if (outside(d, h)) {
         std::fill(dst, dst + width, acc_t(0));
         continue;
       }
@@ -148,7 +200,7 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
       std::fill(dst + (w_hi - box.lo[2]), dst + width, acc_t(0));
     }
   });
-  return buffer.view(band_shape(g, g.in_channels, box));
+  return band_tensor(buffer, g, C, box, /*channels_last=*/false);
 }
 
 // The input box a band reads, and the convolution's padding for it (the band's shared padding
@@ -198,6 +250,25 @@ int64_t scales_offset(const ConvGeometry& g, const Box& box, int64_t line) {
 
 }  // namespace
 
+// oneDNN (torch 2.14's, AVX2) convolves a float32 input faster channels-last than channels-first
+// when the layer has few output channels and enough input channels. Inside our forward of
+// PConvUNet's dec1 (67->3 3x3 at 256x256; two runs, 2 threads, the benchmark's malloc setting) the
+// convolution took 6.6-7.3 ms instead of 11.9-12.8 and the whole forward 15.2-15.4 instead of
+// 17.7-19.5 (the transposing copy costs 3-4 ms more than the channels-first one). Plain F.conv2d
+// in a fresh process: 67->16 14.3 -> 8.2 ms, 67->32 22 -> 17 ms; a wash or slower with many output
+// channels (enc2, 64->128 5x5/2: 1.3x slower; dec3 384->128: 0.95x) or few input channels (enc1,
+// 3->64 7x7/2: 1.24x slower), 2x slower in 1-D; in 3-D a win only from 64 input channels (67->3
+// 3x3x3 at 8x64x64: 15 -> 10 ms; 35->3 and 16->3 slower). Backward stays channels-first: its
+// weight gradient is 1.3-3x slower channels-last, and splitting the two gradients by layout
+// gained nothing inside a training step. (After a channels-last forward, oneDNN's channels-first
+// backward of dec1 took 18-21 ms instead of 14-18: dec1's forward + backward came out about even,
+// 45.3-47.3 ms against 47.7-52.7.) See bench/NOTES.md.
+bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype) {
+  const int64_t fewest_in_channels = g.spatial_dims == 2 ? 16 : 64;
+  return band_dtype == at::kFloat && g.groups == 1 && g.spatial_dims >= 2 && g.taps() > 1 &&
+         g.out_channels <= 32 && g.in_channels >= fewest_in_channels;
+}
+
 template <typename scalar_t>
 void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
                    const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
@@ -215,6 +286,7 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
   const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
 
+  const bool channels_last = channels_last_bands(g, options.dtype().toScalarType());
   std::vector<Band> bands;
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
@@ -222,33 +294,44 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
-      at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options), w, {}, stride,
-                                        in.padding, dilation, false, no_output_padding, g.groups)
-                            .contiguous();
-      acc_t* conv_data = conv.data_ptr<acc_t>();
+      at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options, channels_last),
+                                        w, {}, stride, in.padding, dilation, false, no_output_padding, g.groups);
       // One band that is the whole output, in the output's dtype and layout: the epilogue runs in
       // place and the convolution's result becomes the output (no second output-sized tensor).
       const bool whole_output = std::is_same_v<scalar_t, acc_t> && g.batch == 1 && bands.size() == 1 &&
                                 band.begin == 0 && band.end == g.out_size[band_axis(g)] &&
-                                output.is_contiguous() && conv.sizes() == output.sizes();
+                                conv.sizes() == output.sizes() && conv.strides() == output.strides();
       if (whole_output) output = conv;
       const StridedTensor<scalar_t> dst_view = whole_output ? StridedTensor<scalar_t>(conv) : out;
+      const StridedTensor<const acc_t> conv_view(conv);
       const Box box = band_box(g, g.out_size, band.begin, band.end);  // of the whole width
       const int64_t lines = box.lines(), width = box.extent(2);
-      const bool merge = rows_follow(dst_view, width);
-      at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin, run = 1; i < end; i += run) {
-          const int64_t c = i / lines, line = i % lines, p0 = scales_offset(g, box, line);
-          run = lines_in_run(merge, line, box.extent(1), end - i);
-          const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
-          scalar_t* dst = dst_view.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
-          with_activation(problem.activation, [&](auto act) {
-            write_output_line<decltype(act)::value>(conv_data + i * width, scales.ratio + p0,
-                                                    scales.update + p0, bias_c, slope, dst,
-                                                    dst_view.s[4], run * width);
-          });
-        }
-      });
+      // The `count` positions from line `line` of the band, output channel c.
+      const auto write = [&](int64_t c, int64_t line, int64_t count) {
+        const int64_t p0 = scales_offset(g, box, line);
+        const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
+        scalar_t* dst = dst_view.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
+        with_activation(problem.activation, [&](auto act) {
+          write_output_line<decltype(act)::value>(conv_view.line(0, c, line / box.extent(1), line % box.extent(1)),
+                                                  conv_view.s[4], scales.ratio + p0, scales.update + p0, bias_c,
+                                                  slope, dst, dst_view.s[4], count);
+        });
+      };
+      if (conv_view.s[1] == 1 && g.out_channels > 1) {
+        // Channels-last result: a line at a time with its channels inside (each cache line read once).
+        at::parallel_for(0, lines, grain(width * g.out_channels), [&](int64_t begin, int64_t end) {
+          for (int64_t line = begin; line < end; ++line)
+            for (int64_t c = 0; c < g.out_channels; ++c) write(c, line, width);
+        });
+      } else {
+        const bool merge = rows_follow(dst_view, width) && rows_follow(conv_view, width);
+        at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin, run = 1; i < end; i += run) {
+            run = lines_in_run(merge, i % lines, box.extent(1), end - i);
+            write(i / lines, i % lines, run * width);
+          }
+        });
+      }
     }
     zero_uncovered(out, g, n, bands);
   }
@@ -321,7 +404,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       const BandInput in = band_input(g, band);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
-          need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options)
+          need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options, /*channels_last=*/false)
                       : thread_scratch(Scratch::kMaskedBand, g.in_channels * in.box.positions(), options)
                             .view(band_shape(g, g.in_channels, in.box));
       const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(

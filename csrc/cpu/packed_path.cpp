@@ -201,7 +201,7 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
               scalar_t* dst = out.line(n, c, piece.line / lines_per_depth, piece.line % lines_per_depth) +
                               piece.ox_begin * out.s[4];
               with_activation(problem.activation, [&](auto act) {
-                write_output_line<decltype(act)::value>(conv_line, scales.ratio + p0, scales.update + p0,
+                write_output_line<decltype(act)::value>(conv_line, 1, scales.ratio + p0, scales.update + p0,
                                                         bias_c, slope, dst, out.s[4], piece.size());
               });
               conv_line += piece.size();

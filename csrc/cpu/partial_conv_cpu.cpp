@@ -73,8 +73,14 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   });
   const double valid = valid_fraction(mask_scales, problem.geometry);
   const char* forced = forced_path();
-  return c10::str("cpu: ", path_name(choose_path(valid, Pass::kForward)),
-                  " (backward: ", path_name(choose_path(valid, Pass::kBackward)), "; ",
+  const CpuPath forward = choose_path(valid, Pass::kForward);
+  // The dense forward's band layout, where it is channels-last (see channels_last_bands).
+  const char* forward_layout =
+      forward == CpuPath::kDenseBands && channels_last_bands(problem.geometry, mask_scales.scalar_type())
+          ? " with channels-last bands"
+          : "";
+  return c10::str("cpu: ", path_name(forward), forward_layout, " (backward: ",
+                  path_name(choose_path(valid, Pass::kBackward)), "; ",
                   forced != nullptr
                       ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
                       : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; ",

@@ -27,6 +27,11 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
                      std::array<bool, 3> output_mask, at::Tensor& grad_input,
                      at::Tensor& grad_weight, at::Tensor& grad_bias);
 
+// Whether the dense path's forward copies its bands channels-last rather than channels-first, for
+// bands of dtype band_dtype: whichever oneDNN convolves faster for the layer's shape
+// (dense_path.cpp states the measurements).
+bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype);
+
 template <typename scalar_t>
 void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
                    const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
