@@ -371,7 +371,8 @@ TORCH_LIBRARY(partialconv_cuda, m) {
   // output: (N, C_out, *out_spatial); updated_mask: (N or 1, 1, *out_spatial), one value per
   // output position (the Python wrapper expands it to C_out channels for multi-channel masks);
   // mask_scales: (N or 1, 2, *out_spatial) in float32 (float64 for float64 input), the ratio and
-  // the update U, which is all backward needs of the mask besides M.
+  // the update U (laid out as partial_conv_math.h's mask_scale_rows says), which is all backward
+  // needs of the mask besides M.
   m.def(
       "partial_conv_forward(Tensor input, Tensor? mask, Tensor weight, Tensor? bias, "
       "int[] stride, int[] padding, int[] dilation, int groups, str activation, "

@@ -62,8 +62,9 @@ at::MemoryFormat output_memory_format(const at::Tensor& input);
 at::ScalarType mask_scales_dtype(at::ScalarType input_dtype);
 
 // Empty outputs of the right shapes and layouts: (output, updated_mask, mask_scales), where
-// mask_scales is (mask_batch, 2, *out_spatial): channel 0 the ratio, channel 1 the update U, all
-// that backward needs of the mask besides M itself (no division left for backward to do).
+// mask_scales is (mask_batch, 2, *out_spatial), the ratio and the update U per output position
+// (the layout of partial_conv_math.h's mask_scale_rows): all that backward needs of the mask
+// besides M itself (no division left for backward to do).
 template <typename Size>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs(const at::Tensor& input,
                                                                         const ConvShape<Size>& g);

@@ -167,6 +167,26 @@ struct MaskScale {
   acc_t update;  // U = clamp(S, 0, 1)
 };
 
+// The saved mask scales of a call, the one description of their layout (every backend reads and
+// writes them through mask_scale_rows): a contiguous (mask_batch, 2, *out_spatial) tensor of the
+// accumulation type holding, for each mask image, the ratios of its P output positions (channel
+// kRatioChannel), then their U (channel kUpdateChannel). A batch-shared mask (mask_batch 1) serves
+// every image of the batch.
+constexpr int kRatioChannel = 0, kUpdateChannel = 1;
+
+template <typename T>
+struct MaskScaleRows {
+  T* ratio;   // ratio[p], p < P
+  T* update;  // update[p]
+};
+
+// The rows of image n's mask scales (T const for reading).
+template <typename T, typename index_t>
+PCONV_HOST_DEVICE MaskScaleRows<T> mask_scale_rows(T* mask_scales, index_t mask_batch, index_t positions, index_t n) {
+  T* image = mask_scales + (mask_batch == 1 ? index_t(0) : n) * 2 * positions;
+  return {image + kRatioChannel * positions, image + kUpdateChannel * positions};
+}
+
 // A window that sees no valid pixel (a finite S <= 0): output and mask exactly 0, no matrix work.
 // Every other window is computed, so that a NaN or an infinity in the mask reaches the output and
 // the gradients as the formula says, whatever path runs.

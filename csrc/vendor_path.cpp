@@ -14,10 +14,11 @@ std::vector<int64_t> dims(const ConvGeometry& g, const int64_t (&values)[kDims])
   return spatial_sizes(values, g.spatial_dims);
 }
 
-// The ratio and U planes of the saved mask scales, (mask_batch, 1, *out_spatial) each: they
-// broadcast over the batch (a batch-1 mask) and the output channels.
-at::Tensor ratio_of(const at::Tensor& mask_scales) { return mask_scales.narrow(1, 0, 1); }
-at::Tensor update_of(const at::Tensor& mask_scales) { return mask_scales.narrow(1, 1, 1); }
+// The ratio and U planes of the saved mask scales (channels kRatioChannel and kUpdateChannel of
+// partial_conv_math.h's layout), (mask_batch, 1, *out_spatial) each: they broadcast over the batch
+// (a batch-1 mask) and the output channels.
+at::Tensor ratio_of(const at::Tensor& mask_scales) { return mask_scales.narrow(1, kRatioChannel, 1); }
+at::Tensor update_of(const at::Tensor& mask_scales) { return mask_scales.narrow(1, kUpdateChannel, 1); }
 
 // The output positions whose window sees no valid pixel (ratio = U = 0): exactly 0 there.
 at::Tensor holes(const at::Tensor& mask_scales) {

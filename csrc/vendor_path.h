@@ -21,8 +21,8 @@
 namespace partialconv {
 namespace vendor {
 
-// The elementwise passes around the convolution, per device. The saved mask scales are
-// (mask_batch, 2, *out_spatial): ratio, then U.
+// The elementwise passes around the convolution, per device. The saved mask scales are laid out
+// as partial_conv_math.h's mask_scale_rows describes: (mask_batch, 2, *out_spatial), ratio then U.
 class ElementwisePasses {
  public:
   virtual ~ElementwisePasses() = default;

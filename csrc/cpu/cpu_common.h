@@ -71,8 +71,8 @@ inline int64_t lines_in_run(bool merge, int64_t line, int64_t lines_per_depth, i
   return merge ? std::min(limit, lines_per_depth - line % lines_per_depth) : 1;
 }
 
-// The saved scales of one mask image: ratio and update for its P output positions (raster order
-// over depth, height, width).
+// The saved scales of one mask image (mask_scale_rows): ratio and update for its P output
+// positions (raster order over depth, height, width).
 template <typename acc_t>
 struct ImageScales {
   const acc_t* ratio;
@@ -80,10 +80,12 @@ struct ImageScales {
   bool is_hole(int64_t p) const { return partialconv::is_hole(MaskScale<acc_t>{ratio[p], update[p]}); }
 };
 
+// The scales of image n (of the mask's batch) from the saved mask_scales of geometry g.
 template <typename acc_t>
-ImageScales<acc_t> image_scales(const at::Tensor& mask_scales, int64_t nm, int64_t P) {
-  const acc_t* image = mask_scales.const_data_ptr<acc_t>() + nm * 2 * P;
-  return {image, image + P};
+ImageScales<acc_t> image_scales(const at::Tensor& mask_scales, const ConvGeometry& g, int64_t n) {
+  const MaskScaleRows<const acc_t> rows =
+      mask_scale_rows(mask_scales.const_data_ptr<acc_t>(), g.mask_batch, g.out_positions(), n);
+  return {rows.ratio, rows.update};
 }
 
 // Calls f(std::integral_constant<Activation, act>{}) for the runtime activation, so that the

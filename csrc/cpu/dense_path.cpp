@@ -290,7 +290,7 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   std::vector<Band> bands;
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
@@ -371,7 +371,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   std::vector<Band> bands;
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
     // Slabs of holes have a zero gradient scale: skipped as in forward.
     if (n == 0 || nm != 0) bands = plan_bands(scales, g);
     bool written_directly = false;

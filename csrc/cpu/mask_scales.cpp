@@ -140,8 +140,9 @@ void compute_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tens
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i % P, nm = i / P;
       const MaskScale<acc_t> scale = mask_scale(sums_data[i], numerator);
-      scales[(2 * nm) * P + p] = scale.ratio;
-      scales[(2 * nm + 1) * P + p] = scale.update;
+      const MaskScaleRows<acc_t> rows = mask_scale_rows(scales, g.mask_batch, P, nm);
+      rows.ratio[p] = scale.ratio;
+      rows.update[p] = scale.update;
       update[i] = static_cast<scalar_t>(scale.update);
     }
   });
@@ -153,7 +154,7 @@ double valid_fraction(const at::Tensor& mask_scales, const ConvGeometry& g) {
   int64_t valid = 0;
   AT_DISPATCH_FLOATING_TYPES(mask_scales.scalar_type(), "valid_fraction", [&] {
     for (int64_t nm = 0; nm < g.mask_batch; ++nm) {
-      const ImageScales<scalar_t> scales = image_scales<scalar_t>(mask_scales, nm, P);
+      const ImageScales<scalar_t> scales = image_scales<scalar_t>(mask_scales, g, nm);
       for (int64_t p = 0; p < P; ++p) valid += !scales.is_hole(p);
     }
   });

@@ -62,7 +62,7 @@ std::vector<PositionPlan> plan_all(const at::Tensor& mask_scales, const ConvGeom
   std::vector<PositionPlan> plans(size_t(g.mask_batch));
   at::parallel_for(0, g.mask_batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nm = begin; nm < end; ++nm)
-      plans[size_t(nm)] = plan_positions(image_scales<acc_t>(mask_scales, nm, g.out_positions()), g);
+      plans[size_t(nm)] = plan_positions(image_scales<acc_t>(mask_scales, g, nm), g);
   });
   return plans;
 }
@@ -183,7 +183,7 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
 
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
     for_each_chunk(plans[size_t(nm)], limit, [&](const std::vector<Run>& chunk, int64_t count) {
       at::Tensor cols = scratch_matrix(cols_buffer, K, count);
       at::Tensor conv = scratch_matrix(conv_buffer, cout_g, count);
@@ -256,7 +256,7 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
 
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, nm, P);
+    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
     // Positions whose window is all holes have a zero gradient scale: skipped as in forward.
     for_each_chunk(plans[size_t(nm)], limit, [&](const std::vector<Run>& chunk, int64_t count) {
       at::Tensor grad_conv = scratch_matrix(grad_conv_buffer, cout_g, count);

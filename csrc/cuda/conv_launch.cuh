@@ -40,7 +40,7 @@ struct ForwardArgs {
   const scalar_t* bias;                                    // nullptr: no bias
   TensorRef<scalar_t, int64_t> output;
   scalar_t* updated_mask;  // (mask_batch, 1, *out), contiguous
-  acc_t* mask_scales;      // (mask_batch, 2, *out), contiguous: ratio, update
+  acc_t* mask_scales;      // contiguous, laid out as mask_scale_rows reads it
 };
 
 template <typename scalar_t, typename acc_t>

@@ -125,7 +125,7 @@ struct ForwardEpilogue {
   struct Params {
     TensorRef<scalar_t, index_t> output;
     const scalar_t* bias;       // nullptr: no bias
-    const acc_t* mask_scales;   // (mask_batch, 2, P): ratio, update
+    const acc_t* mask_scales;   // read through mask_scale_rows
     index_t mask_batch, positions, out_channels_per_group;
     Activation activation;
     acc_t negative_slope;
@@ -135,8 +135,8 @@ struct ForwardEpilogue {
   };
 
   PCONV_HOST_DEVICE static MaskScale<acc_t> scale(const Params& e, index_t n, index_t p) {
-    const acc_t* image = e.mask_scales + (e.mask_batch == 1 ? index_t(0) : n) * 2 * e.positions;
-    return {image[p], image[e.positions + p]};
+    const MaskScaleRows<const acc_t> rows = mask_scale_rows(e.mask_scales, e.mask_batch, e.positions, n);
+    return {rows.ratio[p], rows.update[p]};
   }
   PCONV_HOST_DEVICE static void store(const Params& e, const Row& row, int group, index_t col, acc_t sum) {
     const index_t c = index_t(group) * e.out_channels_per_group + col;

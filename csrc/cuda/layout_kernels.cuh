@@ -164,10 +164,10 @@ struct ScaledOutputGradSource {
   acc_t negative_slope;
 
   __device__ OutputGrad<acc_t> value(index_t n, index_t c, index_t p, const index_t (&x)[kDims]) const {
-    const acc_t* image = mask_scales + (mask_batch == 1 ? index_t(0) : n) * 2 * positions;
+    const MaskScaleRows<const acc_t> rows = mask_scale_rows(mask_scales, mask_batch, positions, n);
     const acc_t z = output.data != nullptr ? acc_t(output.data[output.offset(n, c, x)]) : acc_t(0);
     return partial_conv_output_grad(acc_t(grad_output.data[grad_output.offset(n, c, x)]), z,
-                                    MaskScale<acc_t>{image[p], image[positions + p]}, activation, negative_slope);
+                                    MaskScale<acc_t>{rows.ratio[p], rows.update[p]}, activation, negative_slope);
   }
   __device__ acc_t operator()(index_t n, index_t c, index_t p, const index_t (&x)[kDims]) const {
     return value(n, c, p, x).conv;
@@ -186,8 +186,8 @@ struct EpilogueSource {
   acc_t negative_slope;
 
   __device__ acc_t operator()(index_t n, index_t c, index_t p, const index_t (&x)[kDims]) const {
-    const acc_t* image = mask_scales + (mask_batch == 1 ? index_t(0) : n) * 2 * positions;
-    return partial_conv_output(acc_t(conv.data[conv.offset(n, c, x)]), MaskScale<acc_t>{image[p], image[positions + p]},
+    const MaskScaleRows<const acc_t> rows = mask_scale_rows(mask_scales, mask_batch, positions, n);
+    return partial_conv_output(acc_t(conv.data[conv.offset(n, c, x)]), MaskScale<acc_t>{rows.ratio[p], rows.update[p]},
                                bias != nullptr ? acc_t(bias[c]) : acc_t(0), activation, negative_slope);
   }
 };
@@ -269,7 +269,7 @@ struct MaskScalesArgs {
   // single-channel mask (strided), or nothing (an all-ones mask).
   const acc_t* plane;
   TensorRef<const scalar_t, index_t> mask;
-  acc_t* mask_scales;       // (mask_batch, 2, P)
+  acc_t* mask_scales;       // written through mask_scale_rows
   scalar_t* updated_mask;   // (mask_batch, 1, P)
 };
 
@@ -294,8 +294,9 @@ __global__ void mask_scales_kernel(const MaskScalesArgs<scalar_t, acc_t, index_t
                                                       index_t(1), index_t(0), strides, g, o);
     }
     const MaskScale<acc_t> scale = mask_scale(sum, numerator);
-    args.mask_scales[2 * nm * positions + p] = scale.ratio;
-    args.mask_scales[(2 * nm + 1) * positions + p] = scale.update;
+    const MaskScaleRows<acc_t> rows = mask_scale_rows(args.mask_scales, g.mask_batch, positions, nm);
+    rows.ratio[p] = scale.ratio;
+    rows.update[p] = scale.update;
     args.updated_mask[i] = static_cast<scalar_t>(scale.update);
   });
 }
