@@ -169,7 +169,8 @@ CASES = [
     dict(kernel=(2, 4), stride=(3, 2), padding=(1, 3), dilation=(1, 1), groups=1, mask="soft", activation=None, bias=False),
     dict(kernel=(3, 3), stride=(2, 2), padding=(1, 1), dilation=(1, 1), groups=1, mask="batch1", activation="leaky_relu"),
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="empty", activation=None),
-    # A hole over whole image rows: tiles of 128 rows of holes only skip their matrix work.
+    # A hole over whole image rows: tiles of 128 rows of holes only skip their matrix work
+    # (test_emulated_hole_tiles_skip_their_matrix_work counts it).
     dict(kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, mask="big_hole", activation="relu", n=2, cin=3, cout=5, size=(24, 24)),
     # Several tiles in both directions and 45 k-tiles (float64): with 132 multiprocessors the
     # reductions split (fixed-order sums), with one they do not.
@@ -247,6 +248,30 @@ def test_emulated_kernels_index_width_and_layout(case, dtype, layout, harness, t
 def test_emulated_nan_in_holes_is_never_read(dtype, harness, tmp_path):
     case = dict(CASES[8], poison_holes=True)
     check(case, dtype, harness, tmp_path, seed=13)
+
+
+def mma_instructions(stdout):
+    """The harness's counts of warp mma instructions: {"forward": n, "backward": n}."""
+    return {p: int(re.search(rf"^{p} mma instructions: (\d+)$", stdout, re.M).group(1)) for p in ("forward", "backward")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, "tf32"], ids=str)
+def test_emulated_hole_tiles_skip_their_matrix_work(dtype, harness, tmp_path):
+    """Forward, tiles of output positions that are all holes run no matrix work: the big-hole case
+    (whole tiles of holes) executes fewer mma instructions than the same shape without a mask,
+    while holes scattered over every tile (40% of the pixels) save none; backward (which does not
+    skip tiles) executes as many in all three. Outputs and gradients are checked against the
+    reference in each run (no activation: a relu's derivative at outputs within rounding of 0
+    would differ from the float64 reference's). Tensor-core element types only: float and double
+    run on CUDA cores, whose steps the emulator does not count."""
+    big_hole = dict(CASES[8], activation=None, tf32=dtype == "tf32")
+    assert big_hole["mask"] == "big_hole"
+    dtype = torch.float32 if dtype == "tf32" else dtype
+    counts = {kind: mma_instructions(check(dict(big_hole, mask=kind), dtype, harness, tmp_path, seed=3))
+              for kind in ("big_hole", "single", None)}
+    assert counts[None]["forward"] > 0 and counts[None]["backward"] > 0, counts
+    assert counts["big_hole"]["forward"] < counts["single"]["forward"] == counts[None]["forward"], counts
+    assert counts["big_hole"]["backward"] == counts["single"]["backward"] == counts[None]["backward"], counts
 
 
 @pytest.mark.parametrize(("case", "splits"), [(CASES[10], False), (CASES[9], True)], ids=["one-sm", "132-sms"])

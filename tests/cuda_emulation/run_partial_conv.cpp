@@ -12,7 +12,8 @@
 // CASE_FILE: int64 fields in the order of CaseHeader, then float64 negative_slope, then float64
 // arrays in (N, C, *spatial) order: input, mask (if any), weight, bias (if any), grad_output.
 // RESULT_FILE: float64 arrays: output, updated_mask, mask_scales, then grad_input, grad_weight,
-// grad_bias for those asked for. stdout: the plan, and the bank conflicts of all launches.
+// grad_bias for those asked for. stdout: the plan, the warp mma instructions of forward and of
+// backward, and the bank conflicts of all launches.
 #include "cuda_emulation.h"
 
 #include <c10/util/BFloat16.h>
@@ -196,10 +197,12 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   plan.index64 = plan.index64 || h.index64 != 0;
   std::vector<unsigned char> workspace(size_t(plan.workspace.bytes) + 256);
   std::printf("forward: %s\n", pc::describe_plan(plan, true, "emulated").c_str());
+  const unsigned long long mma_before_forward = cuda_emulation::warp_mma_instructions();
   if (plan.index64)
     pc::run_forward<E, scalar_t, acc_t, int64_t>(forward, plan, workspace.data(), nullptr, after_launch);
   else
     pc::run_forward<E, scalar_t, acc_t, int32_t>(forward, plan, workspace.data(), nullptr, after_launch);
+  std::printf("forward mma instructions: %llu\n", cuda_emulation::warp_mma_instructions() - mma_before_forward);
   writer.write(output);
   writer.write(updated_mask);
   writer.write(mask_scales);
@@ -224,10 +227,12 @@ void run(const CaseHeader& h, double negative_slope, Reader& reader, Writer& wri
   plan.index64 = plan.index64 || h.index64 != 0;
   workspace.assign(size_t(plan.workspace.bytes) + 256, 0xCD);
   std::printf("backward: %s\n", pc::describe_plan(plan, false, "emulated").c_str());
+  const unsigned long long mma_before_backward = cuda_emulation::warp_mma_instructions();
   if (plan.index64)
     pc::run_backward<E, scalar_t, acc_t, int64_t>(backward, plan, workspace.data(), nullptr, after_launch);
   else
     pc::run_backward<E, scalar_t, acc_t, int32_t>(backward, plan, workspace.data(), nullptr, after_launch);
+  std::printf("backward mma instructions: %llu\n", cuda_emulation::warp_mma_instructions() - mma_before_backward);
   if (h.need_input) writer.write(grad_input);
   if (h.need_weight) writer.write(grad_weight);
   if (h.need_bias && h.has_bias) writer.write(grad_bias);

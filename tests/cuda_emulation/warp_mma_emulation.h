@@ -20,11 +20,15 @@
 // precision of the tensor-core sum, so a GPU may round the sum differently. Products of f16 inputs
 // are exact in float, and so are those of bf16 and tf32 inputs unless they leave float's range;
 // tests that compare bit for bit use data whose sums are exact in any order.
+//
+// Counts. warp_mma_instructions() is the number of warp-level mma instructions the process has
+// executed (one per warp per mma, whatever its shape), so that a test can see work skipped.
 #pragma once
 
 #include "cuda_emulation.h"
 
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstddef>
@@ -104,6 +108,11 @@ inline float float_from_tf32_operand(std::uint32_t bits) {
 
 namespace detail {
 
+inline std::atomic<unsigned long long>& warp_mma_count() {
+  static std::atomic<unsigned long long> count{0};
+  return count;
+}
+
 struct MatrixCoord {
   int row;
   int col;
@@ -176,6 +185,7 @@ void mma_sync(Accumulator (&d)[Layout::kCElements], const Register (&a)[kARegist
               const Register (&b)[kBRegisters], const Accumulator (&c)[Layout::kCElements],
               Decode element, const char* caller, CallSite site) {
   warp_for_intrinsic(0xffffffffu, caller);
+  if (this_thread_context.lane == 0) warp_mma_count().fetch_add(1, std::memory_order_relaxed);
   struct Operands {
     Register a[kARegisters];
     Register b[kBRegisters];
@@ -217,6 +227,9 @@ inline std::uint16_t packed_half(const std::uint32_t* registers, int i) {
 }
 
 }  // namespace detail
+
+// Warp-level mma instructions executed by the process so far (one per warp per mma).
+inline unsigned long long warp_mma_instructions() { return detail::warp_mma_count().load(); }
 
 // ---------------------------------------------------------------------------------------------
 // mma.sync.aligned.<shape>.row.col, f32 (f64) accumulators.
