@@ -344,6 +344,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_backward_outputs(
   template std::tuple<at::Tensor, at::Tensor, at::Tensor> allocate_forward_outputs<Size>(         \
       const at::Tensor&, const ConvShape<Size>&);                                                 \
   template std::vector<Size> spatial_sizes<Size>(const Size (&)[kDims], int);
+PCONV_INSTANTIATE_CHECKS(int64_t)
+PCONV_INSTANTIATE_CHECKS(c10::SymInt)
+#undef PCONV_INSTANTIATE_CHECKS
+
 const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("partialconv_cuda::partial_conv_forward", "")
@@ -357,10 +361,6 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
                              .typed<BackwardSignature>();
   return op;
 }
-
-PCONV_INSTANTIATE_CHECKS(int64_t)
-PCONV_INSTANTIATE_CHECKS(c10::SymInt)
-#undef PCONV_INSTANTIATE_CHECKS
 
 }  // namespace partialconv
 

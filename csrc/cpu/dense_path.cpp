@@ -159,7 +159,7 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
     // evict each other, and wrote each band cache line in 16 pieces: dec1's copy took 40 ms.)
     const int64_t piece = std::clamp<int64_t>((int64_t(1) << 16) / C, 16, 1024), row_stride = piece + 16;
     at::parallel_for(0, lines, grain(width * C), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> rows(size_t(C * row_stride));
+      acc_t* rows = thread_scratch(Scratch::kChannelRows, C * row_stride, options).data_ptr<acc_t>();
       for (int64_t line = begin, run = 1; line < end; line += run) {
         const int64_t d = box.depth(line), h = box.height(line);
         acc_t* dst = data + line * width * C;
@@ -176,8 +176,8 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
           const int64_t n_positions = std::min(piece, count - p0);
           for (int64_t c = 0; c < C; ++c)
             gather_masked_line(x.line(n, c, d, h), x.s[4], mask_line(m, g, n, c, d, h), m.s[4], w_lo + p0, 1,
-                               n_positions, rows.data() + c * row_stride);
-          transpose_rows_to_positions(rows.data(), row_stride, C, n_positions, dst + (w_lo - box.lo[2] + p0) * C);
+                               n_positions, rows + c * row_stride);
+          transpose_rows_to_positions(rows, row_stride, C, n_positions, dst + (w_lo - box.lo[2] + p0) * C);
         }
         std::fill(dst + (w_lo - box.lo[2] + count) * C, dst + run * width * C, acc_t(0));
       }
@@ -405,8 +405,8 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
           need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options, /*channels_last=*/false)
-                      : thread_scratch(Scratch::kMaskedBand, g.in_channels * in.box.positions(), options)
-                            .view(band_shape(g, g.in_channels, in.box));
+                      : band_tensor(thread_scratch(Scratch::kMaskedBand, g.in_channels * in.box.positions(), options),
+                                    g, g.in_channels, in.box, /*channels_last=*/false);
       const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
           grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
           no_output_padding, g.groups, {need_input, need_weight, false});

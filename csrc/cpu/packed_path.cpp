@@ -233,7 +233,7 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
   using acc_t = at::opmath_type<scalar_t>;
   const ConvGeometry& g = problem.geometry;
   const auto [need_input, need_weight, need_bias] = output_mask;
-  const int64_t P = g.out_positions(), K = g.reduction_size(), taps = g.taps();
+  const int64_t K = g.reduction_size(), taps = g.taps();
   const int64_t cout_g = g.out_channels_per_group(), cin_g = g.in_channels_per_group();
   const at::TensorOptions options = acc_options(input);
   const at::Tensor w = weight.to(options.dtype()).contiguous().view({g.out_channels, K});
