@@ -8,7 +8,9 @@
 // Backward reuses the runs and the packing: grad_conv = grad_out * act' * ratio * U is gathered
 // per chunk, grad_weight += grad_conv @ cols^T, and W^T @ grad_conv is scattered back through
 // the windows (col2im, each input channel owned by one thread: no atomics, deterministic), then
-// multiplied by M. Half types are packed and accumulated in float.
+// multiplied by M. Half types are packed and accumulated in float. A chunk of at most
+// kFewPositions positions (the deepest layers' whole image) runs its GEMMs through our own
+// kernels (few_positions_gemm.h), which stream the weight once; ATen's GEMMs run the others.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "few_positions_gemm.h"
 #include "paths.h"
 
 namespace partialconv {
@@ -158,6 +161,47 @@ at::Tensor scratch_matrix(const at::Tensor& buffer, int64_t rows, int64_t cols) 
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
+// The same columns transposed, cols_t[j][k] (a row of K per position: the layout of the
+// few-positions kernels), written a position at a time. A few positions read a few kB of input;
+// each tap's input offset is found once per position, not per channel.
+template <typename scalar_t, typename acc_t>
+void pack_columns_transposed(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
+                             const ConvGeometry& g, int64_t n, int64_t group, const std::vector<Run>& pieces,
+                             int64_t count, acc_t* cols_t) {
+  const int64_t taps = g.taps(), cin_g = g.in_channels_per_group(), K = cin_g * taps;
+  // The (line, ox) of each of the count positions, in the order of the pieces.
+  std::vector<std::pair<int64_t, int64_t>> positions;
+  for (const Run& piece : pieces)
+    for (int64_t ox = piece.ox_begin; ox < piece.ox_end; ++ox) positions.emplace_back(piece.line, ox);
+  const int64_t nm = g.mask_batch == 1 ? 0 : n;
+  at::parallel_for(0, count, grain(K), [&](int64_t begin, int64_t end) {
+    // Per tap: the offset of its input element in a channel plane of x and of m; -1 in the padding.
+    std::vector<int64_t> x_offset(static_cast<size_t>(taps)), m_offset(static_cast<size_t>(taps));
+    for (int64_t j = begin; j < end; ++j) {
+      const auto [line, ox] = positions[size_t(j)];
+      for (int64_t t = 0; t < taps; ++t) {
+        const Tap tap = tap_of(t, g);
+        const int64_t ix = ox * g.stride[2] + tap.kx * g.dilation[2] - g.pad[2];
+        int64_t id, iy;
+        const bool inside = input_line(g, line, tap, id, iy) && ix >= 0 && ix < g.in_size[2];
+        x_offset[size_t(t)] = inside ? id * x.s[2] + iy * x.s[3] + ix * x.s[4] : -1;
+        m_offset[size_t(t)] = inside ? id * m.s[2] + iy * m.s[3] + ix * m.s[4] : -1;
+      }
+      acc_t* row = cols_t + j * K;
+      for (int64_t ci = 0; ci < cin_g; ++ci) {
+        const int64_t c = group * cin_g + ci;
+        const scalar_t* x_plane = x.data + n * x.s[0] + c * x.s[1];
+        const scalar_t* m_plane = m.data ? m.data + nm * m.s[0] + (g.multi_channel_mask() ? c : 0) * m.s[1] : nullptr;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int64_t offset = x_offset[size_t(t)];
+          const acc_t v = offset < 0 ? acc_t(0) : acc_t(x_plane[offset]);
+          row[ci * taps + t] = offset < 0 || m_plane == nullptr ? v : masked_value(v, acc_t(m_plane[m_offset[size_t(t)]]));
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
@@ -178,6 +222,7 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
   const std::vector<PositionPlan> plans = plan_all<acc_t>(mask_scales, g);
   const int64_t limit = positions_per_gemm(g);
   const at::Tensor cols_buffer = at::empty({K * limit}, options);
+  const at::Tensor cols_t_buffer = at::empty({K * kFewPositions}, options);
   const at::Tensor conv_buffer = at::empty({cout_g * limit}, options);
   const int64_t lines_per_depth = g.out_size[1];
 
@@ -188,8 +233,15 @@ void forward_packed(const at::Tensor& input, const at::Tensor& mask, const at::T
       at::Tensor cols = scratch_matrix(cols_buffer, K, count);
       at::Tensor conv = scratch_matrix(conv_buffer, cout_g, count);
       for (int64_t group = 0; group < g.groups; ++group) {
-        pack_columns<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols.data_ptr<acc_t>());
-        at::mm_out(conv, w.narrow(0, group * cout_g, cout_g), cols);
+        const at::Tensor w_group = w.narrow(0, group * cout_g, cout_g);
+        if (count <= kFewPositions) {
+          acc_t* cols_t = cols_t_buffer.data_ptr<acc_t>();
+          pack_columns_transposed<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols_t);
+          few_positions_output(w_group.const_data_ptr<acc_t>(), K, cols_t, conv.data_ptr<acc_t>(), cout_g, count, K);
+        } else {
+          pack_columns<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols.data_ptr<acc_t>());
+          at::mm_out(conv, w_group, cols);
+        }
         const acc_t* conv_data = conv.const_data_ptr<acc_t>();
         at::parallel_for(0, cout_g, grain(count), [&](int64_t begin, int64_t end) {
           for (int64_t co = begin; co < end; ++co) {
@@ -237,7 +289,13 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
   const int64_t cout_g = g.out_channels_per_group(), cin_g = g.in_channels_per_group();
   const at::TensorOptions options = acc_options(input);
   const at::Tensor w = weight.to(options.dtype()).contiguous().view({g.out_channels, K});
-  at::Tensor grad_weight_acc = at::zeros({need_weight ? g.out_channels : 0, K}, options);
+  // The weight gradient is summed in place where grad_weight has the accumulation dtype: the first
+  // chunk writes it, the others add to it.
+  const bool weight_in_place = grad_weight.defined() && grad_weight.scalar_type() == options.dtype().toScalarType() &&
+                               grad_weight.is_contiguous();
+  at::Tensor grad_weight_acc = weight_in_place ? grad_weight.view({g.out_channels, K})
+                                               : at::empty({need_weight ? g.out_channels : 0, K}, options);
+  bool weight_written = false;
   at::Tensor grad_bias_acc = at::zeros({g.out_channels}, options);
   // grad_input of one image before the multiplication by M.
   at::Tensor grad_image = at::zeros({need_input ? g.in_channels * g.in_positions() : 0}, options);
@@ -245,6 +303,7 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
   const at::Tensor grad_conv_buffer = at::empty({cout_g * limit}, options);
   const at::Tensor cols_buffer = at::empty({need_weight ? K * limit : 0}, options);
   const at::Tensor grad_cols_buffer = at::empty({need_input ? K * limit : 0}, options);
+  const at::Tensor cols_t_buffer = at::empty({need_weight ? K * kFewPositions : 0}, options);
 
   const StridedTensor<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const StridedTensor<scalar_t> gin(grad_input);
@@ -282,14 +341,34 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
             grad_bias_data[c] += bias_sum;
           }
         });
+        const at::Tensor w_group = w.narrow(0, group * cout_g, cout_g);
         if (need_weight) {
-          at::Tensor cols = scratch_matrix(cols_buffer, K, count);
-          pack_columns<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols.data_ptr<acc_t>());
-          grad_weight_acc.narrow(0, group * cout_g, cout_g).addmm_(grad_conv, cols.t());
+          at::Tensor grad_w_group = grad_weight_acc.narrow(0, group * cout_g, cout_g);
+          if (count <= kFewPositions) {
+            acc_t* cols_t = cols_t_buffer.data_ptr<acc_t>();
+            pack_columns_transposed<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols_t);
+            few_positions_grad_weight(grad_conv_data, cols_t, grad_w_group.data_ptr<acc_t>(), K, cout_g, count, K,
+                                      weight_written);
+          } else {
+            at::Tensor cols = scratch_matrix(cols_buffer, K, count);
+            pack_columns<scalar_t, acc_t>(x, m, g, n, group, chunk, count, cols.data_ptr<acc_t>());
+            if (weight_written)
+              grad_w_group.addmm_(grad_conv, cols.t());
+            else
+              at::mm_out(grad_w_group, grad_conv, cols.t());
+          }
         }
         if (need_input) {
-          at::Tensor grad_cols = scratch_matrix(grad_cols_buffer, K, count);
-          at::mm_out(grad_cols, w.narrow(0, group * cout_g, cout_g).t(), grad_conv);
+          // grad_cols[k][j] at k * k_step + j * j_step: K x count from ATen's GEMM, transposed from
+          // the few-positions kernel.
+          const bool few = count <= kFewPositions;
+          at::Tensor grad_cols = scratch_matrix(grad_cols_buffer, few ? count : K, few ? K : count);
+          if (few)
+            few_positions_grad_columns(grad_conv_data, w_group.const_data_ptr<acc_t>(), K,
+                                       grad_cols.data_ptr<acc_t>(), cout_g, count, K);
+          else
+            at::mm_out(grad_cols, w_group.t(), grad_conv);
+          const int64_t k_step = few ? 1 : count, j_step = few ? K : 1;
           const acc_t* grad_cols_data = grad_cols.const_data_ptr<acc_t>();
           // col2im: each input channel is owned by one thread, so the sums need no atomics.
           at::parallel_for(0, cin_g, grain(taps * count), [&](int64_t begin, int64_t end) {
@@ -298,26 +377,28 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
               for (int64_t t = 0; t < taps; ++t) {
                 const Tap tap = tap_of(t, g);
                 const int64_t offset = tap.kx * g.dilation[2] - g.pad[2];
-                const acc_t* row = grad_cols_data + (ci * taps + t) * count;
+                const acc_t* row = grad_cols_data + (ci * taps + t) * k_step;
                 for (const Run& piece : chunk) {
                   int64_t id, iy;
                   if (input_line(g, piece.line, tap, id, iy)) {
                     const Span span = inside_span(piece, offset, g.stride[2], g.in_size[2]);
                     acc_t* plane_line = plane + (id * g.in_size[1] + iy) * g.in_size[2];
                     for (int64_t ox = span.lo; ox < span.hi; ++ox)
-                      plane_line[ox * g.stride[2] + offset] += row[ox - piece.ox_begin];
+                      plane_line[ox * g.stride[2] + offset] += row[(ox - piece.ox_begin) * j_step];
                   }
-                  row += piece.size();
+                  row += piece.size() * j_step;
                 }
               }
             }
           });
         }
       }
+      weight_written = need_weight;
     });
     if (need_input) write_masked_grad_input(grad_image_data, m, gin, g, n);
   }
-  if (need_weight) grad_weight.copy_(grad_weight_acc.view(weight.sizes()));
+  if (need_weight && !weight_written) grad_weight_acc.zero_();
+  if (need_weight && !weight_in_place) grad_weight.copy_(grad_weight_acc.view(weight.sizes()));
   if (need_bias) grad_bias.copy_(grad_bias_acc);
 }
 

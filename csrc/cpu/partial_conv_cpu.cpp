@@ -13,6 +13,7 @@
 
 #include "../partial_conv.h"
 #include "../vendor_path.h"
+#include "few_positions_gemm.h"
 #include "mask_scales.h"
 #include "paths.h"
 
@@ -26,6 +27,12 @@ namespace {
 // PConvUNet with irregular masks, by `python -m bench.cpu_paths`; see bench/NOTES.md.
 constexpr double kForwardPackedBelowValidFraction = 0.25;
 constexpr double kBackwardPackedBelowValidFraction = 0.3;
+
+// Whether the whole batch has at most kFewPositions output positions: then the packed path's GEMMs
+// are our few-positions kernels, which stream the weight once, and it beats the dense path
+// whatever the holes (PConvUNet's enc7, enc8 and dec8: ATen's convolution runs these shapes at a
+// fraction of the memory bandwidth; see few_positions_gemm.h and bench/NOTES.md).
+bool few_positions(const ConvGeometry& g) { return g.batch * g.out_positions() <= kFewPositions; }
 
 // kVendor, the CUDA vendor path's device-generic code, runs only when forced: it is here so that
 // machines without a GPU test that code.
@@ -41,8 +48,8 @@ const char* path_name(CpuPath path) {
   return "";
 }
 
-// PARTIALCONV_CPU_PATH=dense, packed or vendor forces a path (tests run each); otherwise the valid
-// fraction decides between dense and packed.
+// PARTIALCONV_CPU_PATH=dense, packed or vendor forces a path (tests run each); otherwise few
+// positions, then the valid fraction, decide between dense and packed.
 const char* forced_path() {
   const char* forced = std::getenv("PARTIALCONV_CPU_PATH");
   if (forced == nullptr || *forced == '\0' || std::string_view(forced) == "auto") return nullptr;
@@ -52,11 +59,12 @@ const char* forced_path() {
   return forced;
 }
 
-CpuPath choose_path(double valid, Pass pass) {
+CpuPath choose_path(const ConvGeometry& g, double valid, Pass pass) {
   if (const char* forced = forced_path()) {
     const std::string_view name(forced);
     return name == "dense" ? CpuPath::kDenseBands : name == "packed" ? CpuPath::kPackedPositions : CpuPath::kVendor;
   }
+  if (few_positions(g)) return CpuPath::kPackedPositions;
   const double threshold =
       pass == Pass::kForward ? kForwardPackedBelowValidFraction : kBackwardPackedBelowValidFraction;
   return valid < threshold ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
@@ -71,22 +79,25 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "forward_path_cpu", [&] {
     compute_mask_scales<scalar_t>(mask.value_or(at::Tensor()), problem.geometry, mask_scales, updated_mask);
   });
-  const double valid = valid_fraction(mask_scales, problem.geometry);
+  const ConvGeometry& g = problem.geometry;
+  const double valid = valid_fraction(mask_scales, g);
   const char* forced = forced_path();
-  const CpuPath forward = choose_path(valid, Pass::kForward);
+  const CpuPath forward = choose_path(g, valid, Pass::kForward);
   // The dense forward's band layout, where it is channels-last (see channels_last_bands).
   const char* forward_layout =
-      forward == CpuPath::kDenseBands && channels_last_bands(problem.geometry, mask_scales.scalar_type())
+      forward == CpuPath::kDenseBands && channels_last_bands(g, mask_scales.scalar_type())
           ? " with channels-last bands"
           : "";
+  const std::string why =
+      forced != nullptr ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
+      : few_positions(g)
+          ? c10::str(g.batch * g.out_positions(), " output positions in the batch, at most ", kFewPositions,
+                     ": the packed path with its own few-positions GEMM kernels")
+          : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; the packed path is ",
+                     "taken below ", kForwardPackedBelowValidFraction * 100, "% forward, ",
+                     kBackwardPackedBelowValidFraction * 100, "% backward");
   return c10::str("cpu: ", path_name(forward), forward_layout, " (backward: ",
-                  path_name(choose_path(valid, Pass::kBackward)), "; ",
-                  forced != nullptr
-                      ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
-                      : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; ",
-                                 "the packed path is taken below ", kForwardPackedBelowValidFraction * 100,
-                                 "% forward, ", kBackwardPackedBelowValidFraction * 100, "% backward"),
-                  ")");
+                  path_name(choose_path(g, valid, Pass::kBackward)), "; ", why, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
@@ -102,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_forward_cpu", [&] {
     compute_mask_scales<scalar_t>(mask_t, problem.geometry, mask_scales, updated_mask);
     if (output.numel() == 0) return;
-    switch (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kForward)) {
+    switch (choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kForward)) {
       case CpuPath::kDenseBands: return forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
       case CpuPath::kPackedPositions: return forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
       case CpuPath::kVendor: return vendor::forward(vendor::aten_passes(), input, mask_t, weight, bias_t, problem, mask_scales, output);
@@ -130,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
   const at::Tensor output_t =
       problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_backward_cpu", [&] {
-    switch (choose_path(valid_fraction(mask_scales, problem.geometry), Pass::kBackward)) {
+    switch (choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kBackward)) {
       case CpuPath::kDenseBands:
         return backward_bands<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
                                         output_mask, grad_input, grad_weight, grad_bias);

@@ -1,6 +1,7 @@
 // The two CPU paths of partial_conv (partial_conv_cpu.cpp chooses one per call):
 //   packed positions (packed_path.cpp): only the output positions whose window sees a valid
-//     pixel, im2col-packed with the mask applied and multiplied by the weight (GEMM);
+//     pixel, im2col-packed with the mask applied and multiplied by the weight (GEMM: ATen's, or
+//     for at most kFewPositions positions our own, few_positions_gemm.h);
 //   dense bands (dense_path.cpp): slabs of the input copied with the mask applied and fed to
 //     ATen's convolution (oneDNN), then one fused epilogue.
 // Each takes the checked problem, the tensors, and the mask scales computed beforehand.
