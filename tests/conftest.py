@@ -95,6 +95,43 @@ def random_problem(*, n=2, cin=4, cout=6, size=(9, 11), kernel=(3, 3), groups=1,
     return x, m, w, b
 
 
+def check_case_against_reference(case):
+    """Runs a case (a dict: n, cin, cout, size, kernel, stride, padding, dilation, mask, activation;
+    optional groups, dtype, holes_in_image: an image made all holes, hole_rows: (image, first, last)
+    rows made holes) through the op, forward and backward, and asserts outputs, updated masks and
+    gradients equal the float64 reference; returns forward_path's line."""
+    from partialconv_cuda import info, partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
+
+    dtype = case.get("dtype", torch.float64)
+    x, m, w, b = random_problem(n=case["n"], cin=case["cin"], cout=case["cout"], size=case["size"],
+                                kernel=case["kernel"], groups=case.get("groups", 1), mask=case["mask"], seed=23)
+    if "holes_in_image" in case:
+        m[case["holes_in_image"]] = 0
+    if "hole_rows" in case:
+        image, first, last = case["hole_rows"]
+        m[image, :, first:last] = 0
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
+                groups=case.get("groups", 1))
+    kwargs = dict(conv, activation=case["activation"], negative_slope=0.2)
+    ms = None if m is None else m.to(dtype)
+    path = info.forward_path(x.to(dtype), ms, w.to(dtype), **conv)
+    leaves = [t.to(dtype).detach().clone().requires_grad_() for t in (x, w, b)]  # not x, w, b themselves
+    layer = {1: partial_conv1d, 2: partial_conv2d, 3: partial_conv3d}[len(case["size"])]
+    out, updated = layer(leaves[0], ms, leaves[1], leaves[2], **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out.backward(upstream.to(dtype))
+    exact = [t.to(dtype).double().detach().clone().requires_grad_() for t in (x, w, b)]
+    ref, ref_updated = partial_conv_reference(exact[0], None if m is None else ms.double(), *exact[1:], **kwargs)
+    ref.backward(upstream)
+    # float32 sums of up to a few thousand products; bfloat16 results rounded once from float32 sums.
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(updated.double(), ref_updated, rtol=0, atol=0)
+    for ours, expected in [(out, ref)] + [(t.grad, e.grad) for t, e in zip(leaves, exact)]:
+        scale = expected.abs().amax().item()
+        torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance * scale)
+    return path
+
+
 def to_device(tensors, device):
     return [None if t is None else t.to(device) for t in tensors]
 

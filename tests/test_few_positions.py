@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import random_problem
-from partialconv_cuda import info, partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
+from conftest import check_case_against_reference as check_against_reference, random_problem
+from partialconv_cuda import info, partial_conv2d
 
 FEW_POSITIONS = "the packed path with its own few-positions GEMM kernels"
 
@@ -39,38 +39,6 @@ CASES = [
          mask="single", activation=None, dtype=torch.bfloat16),
 ]
 
-LAYERS = {1: partial_conv1d, 2: partial_conv2d, 3: partial_conv3d}
-
-
-def check_against_reference(case):
-    """Runs the case through the op (forward and backward) and asserts it matches the float64
-    reference; returns forward_path's line."""
-    dtype = case.get("dtype", torch.float64)
-    x, m, w, b = random_problem(n=case["n"], cin=case["cin"], cout=case["cout"], size=case["size"],
-                                kernel=case["kernel"], groups=case.get("groups", 1), mask=case["mask"], seed=23)
-    if "holes_in_image" in case:
-        m[case["holes_in_image"]] = 0
-    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
-                groups=case.get("groups", 1))
-    kwargs = dict(conv, activation=case["activation"], negative_slope=0.2)
-    ms = None if m is None else m.to(dtype)
-    path = info.forward_path(x.to(dtype), ms, w.to(dtype), **conv)
-    leaves = [t.to(dtype).detach().clone().requires_grad_() for t in (x, w, b)]  # not x, w, b themselves
-    out, updated = LAYERS[len(case["size"])](leaves[0], ms, leaves[1], leaves[2], **kwargs)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out.backward(upstream.to(dtype))
-    exact = [t.to(dtype).double().detach().clone().requires_grad_() for t in (x, w, b)]
-    ref, ref_updated = partial_conv_reference(exact[0], None if m is None else ms.double(), *exact[1:], **kwargs)
-    ref.backward(upstream)
-    # float32 sums of up to 900 products; bfloat16 results rounded once from float32 sums.
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
-    torch.testing.assert_close(updated.double(), ref_updated, rtol=0, atol=0)
-    for ours, expected in [(out, ref)] + [(t.grad, e.grad) for t, e in zip(leaves, exact)]:
-        scale = expected.abs().amax().item()
-        torch.testing.assert_close(ours.double(), expected, rtol=tolerance, atol=tolerance * scale)
-    return path
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["id"])
 def test_few_positions_match_reference(case, monkeypatch):
     """A batch of at most 8 output positions takes the packed path with the few-positions kernels
@@ -81,14 +49,18 @@ def test_few_positions_match_reference(case, monkeypatch):
     assert FEW_POSITIONS in path, path
 
 
-def test_nine_positions_are_not_few(monkeypatch):
-    """The path choice's bound: 9 output positions in the batch are decided by the valid fraction."""
+def test_nine_positions_or_three_images_are_not_few(monkeypatch):
+    """The path choice's bounds: 9 output positions, or 3 images, are decided by the valid fraction
+    (the dense path's batched convolution); 8 positions in 2 images are few."""
     monkeypatch.delenv("PARTIALCONV_CPU_PATH", raising=False)
     x, m, w, _ = random_problem(n=1, cin=4, cout=3, size=(3, 3), mask=None)
     path = info.forward_path(x, m, w, padding=1)
     assert path.startswith("cpu: dense bands") and FEW_POSITIONS not in path, path
+    x, m, w, _ = random_problem(n=3, cin=4, cout=3, size=(1, 1), mask=None)
+    assert FEW_POSITIONS not in info.forward_path(x, m, w, padding=1)
     x, m, w, _ = random_problem(n=2, cin=4, cout=3, size=(2, 2), mask=None)
-    assert FEW_POSITIONS in info.forward_path(x, m, w, padding=1)
+    path = info.forward_path(x, m, w, padding=1)
+    assert FEW_POSITIONS in path and "8 output positions in 2 image(s)" in path, path
 
 
 def test_few_positions_chunk_after_a_gemm_chunk(monkeypatch):

@@ -92,6 +92,33 @@ std::vector<Band> plan_bands(ImageScales<acc_t> scales, const ConvGeometry& g) {
   return bands;
 }
 
+// Whether a plan is the one band of the whole output.
+bool whole_image(const std::vector<Band>& bands, const ConvGeometry& g) {
+  return bands.size() == 1 && bands[0].begin == 0 && bands[0].end == g.out_size[band_axis(g)];
+}
+
+// The band plans of every mask image (one when the mask is shared by the batch).
+template <typename acc_t>
+std::vector<std::vector<Band>> plan_all_bands(const at::Tensor& mask_scales, const ConvGeometry& g) {
+  std::vector<std::vector<Band>> plans;
+  for (int64_t nm = 0; nm < g.mask_batch; ++nm) plans.push_back(plan_bands(image_scales<acc_t>(mask_scales, g, nm), g));
+  return plans;
+}
+
+// How many images from image n on are convolved together, as one batched band: consecutive images
+// whose plan is the whole image, at most kBandElements of masked input in all. oneDNN convolves a
+// batch of small images far faster than the same images one at a time (dec8's 1024->512 3x3 at
+// 2x2, batch 8, 2 threads: 31 ms image by image, 7 ms as conv2d's batch).
+int64_t images_in_band(const std::vector<std::vector<Band>>& plans, const ConvGeometry& g, int64_t n) {
+  const auto plan = [&](int64_t i) -> const std::vector<Band>& { return plans[size_t(g.mask_batch == 1 ? 0 : i)]; };
+  const double per_image = double(g.in_channels) * double(g.in_positions());
+  const int64_t most = per_image > 0 ? int64_t(std::min(double(g.batch), double(kBandElements) / per_image)) : 1;
+  int64_t images = 1;
+  if (whole_image(plan(n), g))
+    while (images < most && n + images < g.batch && whole_image(plan(n + images), g)) ++images;
+  return images;
+}
+
 // A box of positions [lo, hi) per dimension; its lines are the (depth, height) pairs, each a run
 // along the width. Stored contiguously, line (d, h) starts at ((d - lo0) * extent1 + h - lo1) *
 // extent2.
@@ -113,34 +140,31 @@ Box band_box(const ConvGeometry& g, const int64_t (&sizes)[kDims], int64_t begin
   return box;
 }
 
-// {1, channels, extents of the box along the tensors' spatial dimensions}.
-std::vector<int64_t> band_shape(const ConvGeometry& g, int64_t channels, const Box& box) {
-  std::vector<int64_t> shape{1, channels};
+// {images, channels, extents of the box along the tensors' spatial dimensions}.
+std::vector<int64_t> band_shape(const ConvGeometry& g, int64_t images, int64_t channels, const Box& box) {
+  std::vector<int64_t> shape{images, channels};
   for (int d = kDims - g.spatial_dims; d < kDims; ++d) shape.push_back(box.extent(d));
   return shape;
 }
 
-// The first C * box.positions() elements of `buffer` as a (1, C, *box extents) tensor, contiguous
-// or channels-last.
-at::Tensor band_tensor(const at::Tensor& buffer, const ConvGeometry& g, int64_t C, const Box& box,
+// The first images * C * box.positions() elements of `buffer` as an (images, C, *box extents)
+// tensor, contiguous or channels-last.
+at::Tensor band_tensor(const at::Tensor& buffer, const ConvGeometry& g, int64_t images, int64_t C, const Box& box,
                        bool channels_last) {
-  if (!channels_last) return buffer.view(band_shape(g, C, box));
-  std::vector<int64_t> shape = band_shape(g, 1, box);  // {1, 1, extents}: the channel axis moved last
+  if (!channels_last) return buffer.view(band_shape(g, images, C, box));
+  std::vector<int64_t> shape = band_shape(g, images, 1, box);  // {images, 1, extents}: channels moved last
   shape.erase(shape.begin() + 1);
   shape.push_back(C);
   return buffer.view(shape).movedim(-1, 1);
 }
 
-// The masked input of one image over `box` (which may reach past the input: zeros there), as a
-// (1, C_in, *box extents) tensor of acc_t in this thread's masked-band scratch, contiguous or
-// channels-last.
+// The masked input of image n over `box` (which may reach past the input: zeros there), written
+// to data as C_in * box.positions() elements of acc_t, channels-first or channels-last.
 template <typename scalar_t, typename acc_t>
-at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
+void copy_masked_image(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
                        const ConvGeometry& g, int64_t n, const Box& box, const at::TensorOptions& options,
-                       bool channels_last) {
+                       bool channels_last, acc_t* data) {
   const int64_t C = g.in_channels;
-  const at::Tensor buffer = thread_scratch(Scratch::kMaskedBand, C * box.positions(), options);
-  acc_t* data = buffer.data_ptr<acc_t>();
   const int64_t lines = box.lines(), width = box.extent(2);
   const int64_t w_lo = std::max<int64_t>(box.lo[2], 0), w_hi = std::min(box.hi[2], g.in_size[2]);
   const auto outside = [&](int64_t d, int64_t h) {
@@ -182,7 +206,7 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
         std::fill(dst + (w_lo - box.lo[2] + count) * C, dst + run * width * C, acc_t(0));
       }
     });
-    return band_tensor(buffer, g, C, box, /*channels_last=*/true);
+    return;
   }
   at::parallel_for(0, C * lines, grain(width), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin, run = 1; i < end; i += run) {
@@ -200,7 +224,20 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
       std::fill(dst + (w_hi - box.lo[2]), dst + width, acc_t(0));
     }
   });
-  return band_tensor(buffer, g, C, box, /*channels_last=*/false);
+}
+
+// The masked inputs of images [n, n + images) over `box`, as an (images, C_in, *box extents)
+// tensor of acc_t in this thread's masked-band scratch, contiguous or channels-last.
+template <typename scalar_t, typename acc_t>
+at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTensor<const scalar_t>& m,
+                       const ConvGeometry& g, int64_t n, int64_t images, const Box& box,
+                       const at::TensorOptions& options, bool channels_last) {
+  const int64_t per_image = g.in_channels * box.positions();
+  const at::Tensor buffer = thread_scratch(Scratch::kMaskedBand, images * per_image, options);
+  for (int64_t i = 0; i < images; ++i)
+    copy_masked_image<scalar_t, acc_t>(x, m, g, n + i, box, options, channels_last,
+                                       buffer.data_ptr<acc_t>() + i * per_image);
+  return band_tensor(buffer, g, images, g.in_channels, box, channels_last);
 }
 
 // The input box a band reads, and the convolution's padding for it (the band's shared padding
@@ -275,7 +312,6 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
                    const at::Tensor& mask_scales) {
   using acc_t = at::opmath_type<scalar_t>;
   const ConvGeometry& g = problem.geometry;
-  const int64_t P = g.out_positions();
   const at::TensorOptions options = acc_options(input);
   const at::Tensor w = weight.to(options.dtype()).contiguous();
   const at::Tensor b = bias.defined() ? bias.to(options.dtype()).contiguous() : at::Tensor();
@@ -287,53 +323,55 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
 
   const bool channels_last = channels_last_bands(g, options.dtype().toScalarType());
-  std::vector<Band> bands;
-  for (int64_t n = 0; n < g.batch; ++n) {
-    const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
-    if (n == 0 || nm != 0) bands = plan_bands(scales, g);
+  const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
+  for (int64_t n = 0, images = 1; n < g.batch; n += images) {
+    const std::vector<Band>& bands = plans[size_t(g.mask_batch == 1 ? 0 : n)];
+    images = images_in_band(plans, g, n);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
-      at::Tensor conv = at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options, channels_last),
-                                        w, {}, stride, in.padding, dilation, false, no_output_padding, g.groups);
-      // One band that is the whole output, in the output's dtype and layout: the epilogue runs in
-      // place and the convolution's result becomes the output (no second output-sized tensor).
-      const bool whole_output = std::is_same_v<scalar_t, acc_t> && g.batch == 1 && bands.size() == 1 &&
-                                band.begin == 0 && band.end == g.out_size[band_axis(g)] &&
+      at::Tensor conv =
+          at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, channels_last), w, {},
+                          stride, in.padding, dilation, false, no_output_padding, g.groups);
+      // One band that is the whole batch's output, in the output's dtype and layout: the epilogue
+      // runs in place and the convolution's result becomes the output (no second output-sized tensor).
+      const bool whole_output = std::is_same_v<scalar_t, acc_t> && images == g.batch && whole_image(bands, g) &&
                                 conv.sizes() == output.sizes() && conv.strides() == output.strides();
       if (whole_output) output = conv;
       const StridedTensor<scalar_t> dst_view = whole_output ? StridedTensor<scalar_t>(conv) : out;
       const StridedTensor<const acc_t> conv_view(conv);
       const Box box = band_box(g, g.out_size, band.begin, band.end);  // of the whole width
       const int64_t lines = box.lines(), width = box.extent(2);
-      // The `count` positions from line `line` of the band, output channel c.
-      const auto write = [&](int64_t c, int64_t line, int64_t count) {
-        const int64_t p0 = scales_offset(g, box, line);
-        const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
-        scalar_t* dst = dst_view.line(n, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
-        with_activation(problem.activation, [&](auto act) {
-          write_output_line<decltype(act)::value>(conv_view.line(0, c, line / box.extent(1), line % box.extent(1)),
-                                                  conv_view.s[4], scales.ratio + p0, scales.update + p0, bias_c,
-                                                  slope, dst, dst_view.s[4], count);
-        });
-      };
-      if (conv_view.s[1] == 1 && g.out_channels > 1) {
-        // Channels-last result: a line at a time with its channels inside (each cache line read once).
-        at::parallel_for(0, lines, grain(width * g.out_channels), [&](int64_t begin, int64_t end) {
-          for (int64_t line = begin; line < end; ++line)
-            for (int64_t c = 0; c < g.out_channels; ++c) write(c, line, width);
-        });
-      } else {
-        const bool merge = rows_follow(dst_view, width) && rows_follow(conv_view, width);
-        at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin, run = 1; i < end; i += run) {
-            run = lines_in_run(merge, i % lines, box.extent(1), end - i);
-            write(i / lines, i % lines, run * width);
-          }
-        });
+      for (int64_t i = 0; i < images; ++i) {
+        const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, g.mask_batch == 1 ? 0 : n + i);
+        // The `count` positions from line `line` of the band, output channel c, of image n + i.
+        const auto write = [&](int64_t c, int64_t line, int64_t count) {
+          const int64_t p0 = scales_offset(g, box, line);
+          const acc_t bias_c = bias_data ? bias_data[c] : acc_t(0);
+          scalar_t* dst = dst_view.line(n + i, c, box.depth(line), box.height(line)) + box.lo[2] * dst_view.s[4];
+          with_activation(problem.activation, [&](auto act) {
+            write_output_line<decltype(act)::value>(
+                conv_view.line(i, c, line / box.extent(1), line % box.extent(1)), conv_view.s[4], scales.ratio + p0,
+                scales.update + p0, bias_c, slope, dst, dst_view.s[4], count);
+          });
+        };
+        if (conv_view.s[1] == 1 && g.out_channels > 1) {
+          // Channels-last result: a line at a time with its channels inside (each cache line read once).
+          at::parallel_for(0, lines, grain(width * g.out_channels), [&](int64_t begin, int64_t end) {
+            for (int64_t line = begin; line < end; ++line)
+              for (int64_t c = 0; c < g.out_channels; ++c) write(c, line, width);
+          });
+        } else {
+          const bool merge = rows_follow(dst_view, width) && rows_follow(conv_view, width);
+          at::parallel_for(0, g.out_channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+            for (int64_t j = begin, run = 1; j < end; j += run) {
+              run = lines_in_run(merge, j % lines, box.extent(1), end - j);
+              write(j / lines, j % lines, run * width);
+            }
+          });
+        }
       }
     }
-    zero_uncovered(out, g, n, bands);
+    for (int64_t i = 0; i < images; ++i) zero_uncovered(out, g, n + i, bands);
   }
 }
 
@@ -346,7 +384,6 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   using acc_t = at::opmath_type<scalar_t>;
   const ConvGeometry& g = problem.geometry;
   const auto [need_input, need_weight, need_bias] = output_mask;
-  const int64_t P = g.out_positions();
   const int a = band_axis(g);
   const at::TensorOptions options = acc_options(input);
   const at::Tensor w = weight.to(options.dtype()).contiguous();
@@ -359,8 +396,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   std::vector<int64_t> image_shape{g.in_channels};
   for (const int64_t s : real_dims(g, g.in_size)) image_shape.push_back(s);
   at::Tensor grad_image;
-  const at::Tensor grad_conv_buffer = thread_scratch(
-      Scratch::kGradConv, g.out_channels * most_band_rows(g) * slab_positions(g.out_size, a), options);
+  const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
   const StridedTensor<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
   const StridedTensor<scalar_t> gin(grad_input);
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
@@ -368,34 +404,38 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
   const std::vector<int64_t> no_output_padding(size_t(g.spatial_dims), 0);
 
-  std::vector<Band> bands;
-  for (int64_t n = 0; n < g.batch; ++n) {
-    const int64_t nm = g.mask_batch == 1 ? 0 : n;
-    const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, nm);
-    // Slabs of holes have a zero gradient scale: skipped as in forward.
-    if (n == 0 || nm != 0) bands = plan_bands(scales, g);
+  for (int64_t n = 0, images = 1; n < g.batch; n += images) {
+    // Slabs of holes have a zero gradient scale: skipped as in forward, and the same images
+    // convolved together.
+    const std::vector<Band>& bands = plans[size_t(g.mask_batch == 1 ? 0 : n)];
+    images = images_in_band(plans, g, n);
     bool written_directly = false;
     for (const Band& band : bands) {
       const Box box = band_box(g, g.out_size, band.begin, band.end);  // of the whole width
       const int64_t lines = box.lines(), width = box.extent(2);
       const bool merge = rows_follow(gout, width) && rows_follow(z, width);
-      at::Tensor grad_conv = grad_conv_buffer.narrow(0, 0, g.out_channels * box.positions())
-                                 .view(band_shape(g, g.out_channels, box));
+      const int64_t per_image = g.out_channels * box.positions();
+      at::Tensor grad_conv = thread_scratch(Scratch::kGradConv, images * per_image, options)
+                                 .view(band_shape(g, images, g.out_channels, box));
       acc_t* grad_conv_data = grad_conv.data_ptr<acc_t>();
-      // Each output channel is owned by one thread: its bias sum needs no atomics.
-      at::parallel_for(0, g.out_channels, grain(box.positions()), [&](int64_t begin, int64_t end) {
+      // Each output channel is owned by one thread (all images of the band): its bias sum needs
+      // no atomics.
+      at::parallel_for(0, g.out_channels, grain(images * box.positions()), [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           acc_t bias_sum = acc_t(0);
-          for (int64_t line = 0, run = 1; line < lines; line += run) {
-            run = lines_in_run(merge, line, box.extent(1), lines - line);
-            const int64_t d = box.depth(line), h = box.height(line), p0 = scales_offset(g, box, line);
-            with_activation(problem.activation, [&](auto act) {
-              bias_sum += scale_output_grad_line<decltype(act)::value>(
-                  gout.line(n, c, d, h) + box.lo[2] * gout.s[4], gout.s[4],
-                  z.data ? z.line(n, c, d, h) + box.lo[2] * z.s[4] : nullptr, z.s[4],
-                  scales.ratio + p0, scales.update + p0, slope,
-                  grad_conv_data + (c * lines + line) * width, run * width);
-            });
+          for (int64_t i = 0; i < images; ++i) {
+            const ImageScales<acc_t> scales = image_scales<acc_t>(mask_scales, g, g.mask_batch == 1 ? 0 : n + i);
+            for (int64_t line = 0, run = 1; line < lines; line += run) {
+              run = lines_in_run(merge, line, box.extent(1), lines - line);
+              const int64_t d = box.depth(line), h = box.height(line), p0 = scales_offset(g, box, line);
+              with_activation(problem.activation, [&](auto act) {
+                bias_sum += scale_output_grad_line<decltype(act)::value>(
+                    gout.line(n + i, c, d, h) + box.lo[2] * gout.s[4], gout.s[4],
+                    z.data ? z.line(n + i, c, d, h) + box.lo[2] * z.s[4] : nullptr, z.s[4],
+                    scales.ratio + p0, scales.update + p0, slope,
+                    grad_conv_data + i * per_image + (c * lines + line) * width, run * width);
+              });
+            }
           }
           grad_bias_data[c] += bias_sum;
         }
@@ -404,9 +444,10 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       const BandInput in = band_input(g, band);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
-          need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, in.box, options, /*channels_last=*/false)
-                      : band_tensor(thread_scratch(Scratch::kMaskedBand, g.in_channels * in.box.positions(), options),
-                                    g, g.in_channels, in.box, /*channels_last=*/false);
+          need_weight
+              ? masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, /*channels_last=*/false)
+              : band_tensor(thread_scratch(Scratch::kMaskedBand, images * g.in_channels * in.box.positions(), options),
+                            g, images, g.in_channels, in.box, /*channels_last=*/false);
       const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
           grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
           no_output_padding, g.groups, {need_input, need_weight, false});
@@ -419,11 +460,14 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       if (need_input) {
         if (bands.size() == 1 && in.box.lo[a] == 0 && in.box.hi[a] == g.in_size[a] &&
             band_grad_input.is_contiguous()) {
-          // One band over the whole image: its gradient is the image's; M applied, written directly.
-          write_masked_grad_input(band_grad_input.data_ptr<acc_t>(), m, gin, g, n, /*clear=*/false);
+          // One band over whole images: its gradient is theirs; M applied, written directly.
+          for (int64_t i = 0; i < images; ++i)
+            write_masked_grad_input(band_grad_input.data_ptr<acc_t>() + i * g.in_channels * g.in_positions(), m,
+                                    gin, g, n + i, /*clear=*/false);
           written_directly = true;
           continue;
         }
+        // (images is 1: only whole-image plans are convolved together.)
         if (!grad_image.defined()) grad_image = at::zeros(image_shape, options);
         // Add the band's input indices that lie inside the input.
         const int64_t first = std::max<int64_t>(in.box.lo[a], 0);

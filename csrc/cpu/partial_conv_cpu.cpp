@@ -28,11 +28,17 @@ namespace {
 constexpr double kForwardPackedBelowValidFraction = 0.25;
 constexpr double kBackwardPackedBelowValidFraction = 0.3;
 
-// Whether the whole batch has at most kFewPositions output positions: then the packed path's GEMMs
-// are our few-positions kernels, which stream the weight once, and it beats the dense path
-// whatever the holes (PConvUNet's enc7, enc8 and dec8: ATen's convolution runs these shapes at a
-// fraction of the memory bandwidth; see few_positions_gemm.h and bench/NOTES.md).
-bool few_positions(const ConvGeometry& g) { return g.batch * g.out_positions() <= kFewPositions; }
+// Whether the whole batch has at most kFewPositions output positions in at most
+// kMostFewPositionsImages images: then the packed path's GEMMs are our few-positions kernels, which
+// stream the weight once per image, and it beats the dense path whatever the holes (PConvUNet's
+// enc7, enc8 and dec8: ATen's convolution runs these shapes at a fraction of the memory bandwidth;
+// see few_positions_gemm.h and bench/NOTES.md). From 4 images on, the dense path's one batched
+// convolution was as fast or faster (enc8's 512->512 3x3 at 2x2, forward + backward, batch 4:
+// 8.0 ms packed, 10.0 dense; batch 8: 14.5 packed, 13.4 conv2d; forward alone 2.3 vs 2.2 at 4).
+constexpr int64_t kMostFewPositionsImages = 2;
+bool few_positions(const ConvGeometry& g) {
+  return g.batch <= kMostFewPositionsImages && g.batch * g.out_positions() <= kFewPositions;
+}
 
 // kVendor, the CUDA vendor path's device-generic code, runs only when forced: it is here so that
 // machines without a GPU test that code.
@@ -91,8 +97,9 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   const std::string why =
       forced != nullptr ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
       : few_positions(g)
-          ? c10::str(g.batch * g.out_positions(), " output positions in the batch, at most ", kFewPositions,
-                     ": the packed path with its own few-positions GEMM kernels")
+          ? c10::str(g.batch * g.out_positions(), " output positions in ", g.batch, " image(s), at most ",
+                     kFewPositions, " in ", kMostFewPositionsImages, ": the packed path with its own few-positions ",
+                     "GEMM kernels")
           : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; the packed path is ",
                      "taken below ", kForwardPackedBelowValidFraction * 100, "% forward, ",
                      kBackwardPackedBelowValidFraction * 100, "% backward");
