@@ -1,10 +1,11 @@
 // Dense path: bands along the first spatial dimension of the tensors (the "band axis": the depth
 // in 3-D, the height in 2-D, the length in 1-D). Each band's input slab is copied once with the
-// mask applied (a band at a time: X*M never exists as a whole tensor) and fed to ATen's
-// convolution (oneDNN), whose direct convolution reads each input once instead of prod(kernel)
-// times as the packed columns do; the epilogue then applies ratio, bias, U and activation. Slabs
-// of output positions that are all holes skip the convolution. Backward goes through
-// at::convolution_backward band by band. Bands are copied channels-first or channels-last,
+// mask applied (a band at a time, at most about kBandElements: X*M of a large batch never exists
+// as a whole tensor) and fed to ATen's convolution (oneDNN), whose direct convolution reads each
+// input once instead of prod(kernel) times as the packed columns do; the epilogue then applies
+// ratio, bias, U and activation. Slabs of output positions that are all holes skip the
+// convolution; images that are one band each are copied and convolved together, as one batch.
+// Backward goes through at::convolution_backward band by band. Bands are copied channels-first or channels-last,
 // whichever oneDNN convolves faster for the layer's shape (channels_last_bands; forward only).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
