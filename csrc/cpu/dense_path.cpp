@@ -5,8 +5,9 @@
 // input once instead of prod(kernel) times as the packed columns do; the epilogue then applies
 // ratio, bias, U and activation. Slabs of output positions that are all holes skip the
 // convolution; images that are one band each are copied and convolved together, as one batch.
-// Backward goes through at::convolution_backward band by band. Bands are copied channels-first or channels-last,
-// whichever oneDNN convolves faster for the layer's shape (channels_last_bands; forward only).
+// Backward goes through at::convolution_backward band by band. Bands are copied channels-first
+// or channels-last, whichever oneDNN convolves faster for the layer's shape (channels_last_bands;
+// forward only).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
