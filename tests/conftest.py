@@ -98,8 +98,9 @@ def random_problem(*, n=2, cin=4, cout=6, size=(9, 11), kernel=(3, 3), groups=1,
 def check_case_against_reference(case):
     """Runs a case (a dict: n, cin, cout, size, kernel, stride, padding, dilation, mask, activation;
     optional groups, dtype, holes_in_image: an image made all holes, hole_rows: (image, first, last)
-    rows made holes) through the op, forward and backward, and asserts outputs, updated masks and
-    gradients equal the float64 reference; returns forward_path's line."""
+    rows made holes, edit: a function (x, mask) -> (x, mask) of the float64 problem, channels_last:
+    the input made channels-last) through the op, forward and backward, and asserts outputs,
+    updated masks and gradients equal the float64 reference; returns forward_path's line."""
     from partialconv_cuda import info, partial_conv1d, partial_conv2d, partial_conv3d, partial_conv_reference
 
     dtype = case.get("dtype", torch.float64)
@@ -110,12 +111,17 @@ def check_case_against_reference(case):
     if "hole_rows" in case:
         image, first, last = case["hole_rows"]
         m[image, :, first:last] = 0
+    if "edit" in case:
+        x, m = case["edit"](x, m)
     conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"],
                 groups=case.get("groups", 1))
     kwargs = dict(conv, activation=case["activation"], negative_slope=0.2)
     ms = None if m is None else m.to(dtype)
-    path = info.forward_path(x.to(dtype), ms, w.to(dtype), **conv)
     leaves = [t.to(dtype).detach().clone().requires_grad_() for t in (x, w, b)]  # not x, w, b themselves
+    if case.get("channels_last"):
+        layout = {4: torch.channels_last, 5: torch.channels_last_3d}[x.dim()]
+        leaves[0] = leaves[0].detach().contiguous(memory_format=layout).requires_grad_()
+    path = info.forward_path(leaves[0].detach(), ms, leaves[1].detach(), **conv)
     layer = {1: partial_conv1d, 2: partial_conv2d, 3: partial_conv3d}[len(case["size"])]
     out, updated = layer(leaves[0], ms, leaves[1], leaves[2], **kwargs)
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)

@@ -218,7 +218,8 @@ const scalar_t* mask_line(const StridedTensor<const scalar_t>& m, const ConvGeom
 }
 
 // grad_input of image n = M * grad_image (d(X*M)/dX = M; a hole gets exactly 0). grad_image (C_in
-// planes of the input's positions) is left zeroed for the next image when `clear` is set.
+// planes of the input's positions) is left zeroed for the next image when `clear` is set. gin may
+// be grad_image itself (the product written in place).
 template <typename scalar_t, typename acc_t>
 void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar_t>& m,
                              const StridedTensor<scalar_t>& gin, const ConvGeometry& g, int64_t n,
@@ -233,8 +234,13 @@ void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar
         acc_t* values = grad_image + (c * lines + line) * width;
         const scalar_t* mask = mask_line(m, g, n, c, d, h);
         scalar_t* out = gin.line(n, c, d, h);
-        for (int64_t w = 0; w < count; ++w)
-          out[w * gin.s[4]] = static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
+        if (gin.s[4] == 1 && mask != nullptr && m.s[4] == 1) {  // the usual case: a loop g++ vectorises
+          for (int64_t w = 0; w < count; ++w) out[w] = static_cast<scalar_t>(masked_value(values[w], acc_t(mask[w])));
+        } else {
+          for (int64_t w = 0; w < count; ++w)
+            out[w * gin.s[4]] =
+                static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
+        }
         if (clear) std::fill(values, values + count, acc_t(0));
       }
     }

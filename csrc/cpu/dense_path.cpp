@@ -5,17 +5,22 @@
 // input once instead of prod(kernel) times as the packed columns do; the epilogue then applies
 // ratio, bias, U and activation. Slabs of output positions that are all holes skip the
 // convolution; images that are one band each are copied and convolved together, as one batch.
+// Where X*M is X (no mask, or a mask of ones: deep layers see no holes) and a band is whole
+// images already laid out as the band, the input itself is the band (no copy).
 // Backward goes through at::convolution_backward band by band. Bands are copied channels-first
 // or channels-last, whichever oneDNN convolves faster for the layer's shape (channels_last_bands;
 // forward only).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "cpu_common.h"
+#include "mask_scales.h"
 #include "paths.h"
 
 namespace partialconv {
@@ -242,6 +247,53 @@ at::Tensor masked_band(const StridedTensor<const scalar_t>& x, const StridedTens
   return band_tensor(buffer, g, images, g.in_channels, box, channels_last);
 }
 
+// Whether X*M is X itself: no mask, or one whose every element is exactly 1 (x * 1 == x for every
+// x, infinities and NaN included). The deep layers of an inpainting U-Net see no holes: their
+// bands are then the input as it is (input_is_bands) and their input gradient needs no M. A mask
+// whose scales show a hole is rejected from them (output positions only); otherwise every
+// element is read, stopping at the first other value.
+template <typename scalar_t>
+bool mask_is_ones(const StridedTensor<const scalar_t>& m, const ConvGeometry& g, const at::Tensor& mask_scales) {
+  if (m.data == nullptr) return true;
+  if (!scales_of_ones(mask_scales, g)) return false;
+  const int64_t images = m.s[0] == 0 ? 1 : g.mask_batch;
+  const int64_t channels = g.multi_channel_mask() && m.s[1] != 0 ? g.in_channels : 1;
+  const int64_t lines = g.in_size[0] * g.in_size[1], width = g.in_size[2];
+  const bool merge = rows_follow(m, width);
+  std::atomic<bool> other{false};
+  at::parallel_for(0, images * channels * lines, grain(width), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin, run = 1; i < end && !other.load(std::memory_order_relaxed); i += run) {
+      const int64_t line = i % lines, plane = i / lines;
+      run = lines_in_run(merge, line, g.in_size[1], end - i);
+      const scalar_t* values = m.line(plane / channels, plane % channels, line / g.in_size[1], line % g.in_size[1]);
+      const int64_t count = run * width;
+      int64_t others = 0;  // a count rather than a flag: a reduction g++ vectorises
+      if (m.s[4] == 1) {
+        for (int64_t w = 0; w < count; ++w) others += values[w] != scalar_t(1);
+      } else {
+        for (int64_t w = 0; w < count; ++w) others += values[w * m.s[4]] != scalar_t(1);
+      }
+      if (others != 0) other.store(true, std::memory_order_relaxed);
+    }
+  });
+  return !other.load();
+}
+
+// Whether the bands are the input itself, convolved as it is: X*M is X (`unmasked`: no mask or a
+// mask of ones, mask_is_ones), every image is one band (a band of several images is then a slice
+// of the input's batch), no dtype conversion, and the input is laid out as the bands would be.
+template <typename scalar_t, typename acc_t>
+bool input_is_bands(const at::Tensor& input, bool unmasked, const std::vector<std::vector<Band>>& plans,
+                    const ConvGeometry& g, bool channels_last) {
+  if (!std::is_same_v<scalar_t, acc_t> || !unmasked) return false;
+  for (const std::vector<Band>& plan : plans)
+    if (!whole_image(plan, g)) return false;
+  const at::MemoryFormat layout = !channels_last       ? at::MemoryFormat::Contiguous
+                                  : input.dim() == 5   ? at::MemoryFormat::ChannelsLast3d
+                                                       : at::MemoryFormat::ChannelsLast;
+  return input.is_contiguous(layout);
+}
+
 // The input box a band reads, and the convolution's padding for it (the band's shared padding
 // along the band axis, the layer's along the others).
 struct BandInput {
@@ -308,6 +360,18 @@ bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype) {
          g.out_channels <= 32 && g.in_channels >= fewest_in_channels;
 }
 
+bool dense_forward_reads_input(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& mask_scales,
+                               const ConvGeometry& g) {
+  bool reads = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dense_forward_reads_input", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool unmasked = mask_is_ones(StridedTensor<const scalar_t>(mask), g, mask_scales);
+    reads = input_is_bands<scalar_t, acc_t>(input, unmasked, plan_all_bands<acc_t>(mask_scales, g), g,
+                                            channels_last_bands(g, mask_scales.scalar_type()));
+  });
+  return reads;
+}
+
 template <typename scalar_t>
 void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& weight,
                    const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
@@ -318,7 +382,9 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const at::Tensor w = weight.to(options.dtype()).contiguous();
   const at::Tensor b = bias.defined() ? bias.to(options.dtype()).contiguous() : at::Tensor();
   const acc_t* bias_data = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
-  const StridedTensor<const scalar_t> x(input), m(mask);
+  const StridedTensor<const scalar_t> x(input), given_mask(mask);
+  const bool unmasked = mask_is_ones(given_mask, g, mask_scales);
+  const StridedTensor<const scalar_t> m = unmasked ? StridedTensor<const scalar_t>() : given_mask;  // M never read
   const StridedTensor<scalar_t> out(output);
   const acc_t slope = acc_t(problem.negative_slope);
   const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
@@ -326,14 +392,17 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
 
   const bool channels_last = channels_last_bands(g, options.dtype().toScalarType());
   const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
+  const bool from_input = input_is_bands<scalar_t, acc_t>(input, unmasked, plans, g, channels_last);
   for (int64_t n = 0, images = 1; n < g.batch; n += images) {
     const std::vector<Band>& bands = plans[size_t(g.mask_batch == 1 ? 0 : n)];
     images = images_in_band(plans, g, n);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
-      at::Tensor conv =
-          at::convolution(masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, channels_last), w, {},
-                          stride, in.padding, dilation, false, no_output_padding, g.groups);
+      const at::Tensor band_in = from_input
+                                     ? input.narrow(0, n, images)
+                                     : masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, channels_last);
+      at::Tensor conv = at::convolution(band_in, w, {}, stride, in.padding, dilation, false, no_output_padding,
+                                        g.groups);
       // One band that is the whole batch's output, in the output's dtype and layout: the epilogue
       // runs in place and the convolution's result becomes the output (no second output-sized tensor).
       const bool whole_output = std::is_same_v<scalar_t, acc_t> && images == g.batch && whole_image(bands, g) &&
@@ -399,7 +468,10 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   for (const int64_t s : real_dims(g, g.in_size)) image_shape.push_back(s);
   at::Tensor grad_image;
   const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
-  const StridedTensor<const scalar_t> x(input), m(mask), gout(grad_output), z(output);
+  const StridedTensor<const scalar_t> x(input), given_mask(mask), gout(grad_output), z(output);
+  const bool unmasked = mask_is_ones(given_mask, g, mask_scales);
+  const StridedTensor<const scalar_t> m = unmasked ? StridedTensor<const scalar_t>() : given_mask;  // M never read
+  const bool from_input = input_is_bands<scalar_t, acc_t>(input, unmasked, plans, g, /*channels_last=*/false);
   const StridedTensor<scalar_t> gin(grad_input);
   acc_t* grad_bias_data = grad_bias_acc.data_ptr<acc_t>();
   const acc_t slope = acc_t(problem.negative_slope);
@@ -446,10 +518,11 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       const BandInput in = band_input(g, band);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
-          need_weight
-              ? masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, /*channels_last=*/false)
-              : band_tensor(thread_scratch(Scratch::kMaskedBand, images * g.in_channels * in.box.positions(), options),
-                            g, images, g.in_channels, in.box, /*channels_last=*/false);
+          from_input    ? input.narrow(0, n, images)
+          : need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, /*channels_last=*/false)
+                        : band_tensor(thread_scratch(Scratch::kMaskedBand, images * g.in_channels * in.box.positions(),
+                                                     options),
+                                      g, images, g.in_channels, in.box, /*channels_last=*/false);
       const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
           grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
           no_output_padding, g.groups, {need_input, need_weight, false});
@@ -462,11 +535,19 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       if (need_input) {
         if (bands.size() == 1 && in.box.lo[a] == 0 && in.box.hi[a] == g.in_size[a] &&
             band_grad_input.is_contiguous()) {
-          // One band over whole images: its gradient is theirs; M applied, written directly.
-          for (int64_t i = 0; i < images; ++i)
-            write_masked_grad_input(band_grad_input.data_ptr<acc_t>() + i * g.in_channels * g.in_positions(), m,
-                                    gin, g, n + i, /*clear=*/false);
+          // One band over whole images: its gradient is theirs; M applied, written directly. Where
+          // the band is the whole batch in grad_input's dtype and layout, M is applied in place
+          // (not at all where M is ones) and the band's gradient becomes grad_input.
           written_directly = true;
+          const bool in_place = std::is_same_v<scalar_t, acc_t> && images == g.batch &&
+                                band_grad_input.sizes() == grad_input.sizes() &&
+                                band_grad_input.strides() == grad_input.strides();
+          const StridedTensor<scalar_t> destination = in_place ? StridedTensor<scalar_t>(band_grad_input) : gin;
+          if (!in_place || !unmasked)
+            for (int64_t i = 0; i < images; ++i)
+              write_masked_grad_input(band_grad_input.data_ptr<acc_t>() + i * g.in_channels * g.in_positions(), m,
+                                      destination, g, n + i, /*clear=*/false);
+          if (in_place) grad_input = band_grad_input;
           continue;
         }
         // (images is 1: only whole-image plans are convolved together.)

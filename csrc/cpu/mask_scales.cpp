@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -159,6 +160,33 @@ double valid_fraction(const at::Tensor& mask_scales, const ConvGeometry& g) {
     }
   });
   return double(valid) / double(g.mask_batch * P);
+}
+
+bool scales_of_ones(const at::Tensor& mask_scales, const ConvGeometry& g) {
+  // The taps inside the input of every output index along each dimension.
+  std::vector<int64_t> taps[kDims];
+  for (int d = 0; d < kDims; ++d)
+    for (int64_t o = 0; o < g.out_size[d]; ++o) taps[d].push_back(axis(g, d).taps_inside(o));
+  const int64_t channels = std::max<int64_t>(g.mask_channels, 1);
+  bool ones = true;
+  AT_DISPATCH_FLOATING_TYPES(mask_scales.scalar_type(), "scales_of_ones", [&] {
+    const scalar_t numerator = scalar_t(g.ratio_numerator());
+    // The expected scale of the last window sum seen (the same along most of a line).
+    scalar_t last_sum = scalar_t(-1);
+    MaskScale<scalar_t> expected{};
+    for (int64_t nm = 0; nm < g.mask_batch && ones; ++nm) {
+      const ImageScales<scalar_t> scales = image_scales<scalar_t>(mask_scales, g, nm);
+      int64_t p = 0;
+      for (int64_t od = 0; od < g.out_size[0] && ones; ++od)
+        for (int64_t oy = 0; oy < g.out_size[1] && ones; ++oy)
+          for (int64_t ox = 0; ox < g.out_size[2] && ones; ++ox, ++p) {
+            const scalar_t sum = scalar_t(channels * taps[0][size_t(od)] * taps[1][size_t(oy)] * taps[2][size_t(ox)]);
+            if (sum != last_sum) expected = mask_scale(sum, numerator), last_sum = sum;
+            ones = scales.ratio[p] == expected.ratio && scales.update[p] == expected.update;
+          }
+    }
+  });
+  return ones;
 }
 
 template void compute_mask_scales<float>(const at::Tensor&, const ConvGeometry&, at::Tensor&, at::Tensor&);

@@ -15,6 +15,11 @@ template <typename scalar_t>
 void compute_mask_scales(const at::Tensor& mask, const ConvGeometry& g, at::Tensor& mask_scales,
                          at::Tensor& updated_mask);
 
+// Whether mask_scales are those of a mask of ones: S at every output position the count of mask
+// elements its window covers inside the input. A necessary condition for the mask being ones,
+// checked on the output positions alone (holes that no window reads do not show).
+bool scales_of_ones(const at::Tensor& mask_scales, const ConvGeometry& g);
+
 // Fraction of output positions (over every mask image) that are not holes; 1 when there are none.
 double valid_fraction(const at::Tensor& mask_scales, const ConvGeometry& g);
 

@@ -89,11 +89,13 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   const double valid = valid_fraction(mask_scales, g);
   const char* forced = forced_path();
   const CpuPath forward = choose_path(g, valid, Pass::kForward);
-  // The dense forward's band layout, where it is channels-last (see channels_last_bands).
-  const char* forward_layout =
-      forward == CpuPath::kDenseBands && channels_last_bands(g, mask_scales.scalar_type())
-          ? " with channels-last bands"
-          : "";
+  // The dense forward's bands: the input itself, or copies channels-last (see channels_last_bands).
+  const bool dense = forward == CpuPath::kDenseBands;
+  const char* band_source =
+      dense && dense_forward_reads_input(input, mask.value_or(at::Tensor()), mask_scales, g)
+          ? " with the input itself as the bands (no mask, or a mask of ones: no masked copy)"
+      : dense && channels_last_bands(g, mask_scales.scalar_type()) ? " with channels-last bands"
+                                                                   : "";
   const std::string why =
       forced != nullptr ? c10::str("forced by PARTIALCONV_CPU_PATH=", forced)
       : few_positions(g)
@@ -103,7 +105,7 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
           : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; the packed path is ",
                      "taken below ", kForwardPackedBelowValidFraction * 100, "% forward, ",
                      kBackwardPackedBelowValidFraction * 100, "% backward");
-  return c10::str("cpu: ", path_name(forward), forward_layout, " (backward: ",
+  return c10::str("cpu: ", path_name(forward), band_source, " (backward: ",
                   path_name(choose_path(g, valid, Pass::kBackward)), "; ", why, ")");
 }
 
