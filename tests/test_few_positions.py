@@ -21,6 +21,14 @@ CASES = [
          mask="multi", activation="leaky_relu"),
     dict(id="one-position", n=1, cin=33, cout=7, size=(3, 3), kernel=(3, 3), stride=2, padding=0, dilation=1,
          mask="single", activation="relu"),
+    # 1, 2 and 3 positions run tiles of that many positions and 8, 6 and 4 rows: 19, 13 and 11
+    # output channels are whole tiles and a tail
+    dict(id="one-position-row-tiles", n=1, cin=9, cout=19, size=(1, 1), kernel=(3, 3), stride=1, padding=1,
+         dilation=1, mask=None, activation=None, dtype=torch.float32),
+    dict(id="two-positions", n=1, cin=30, cout=13, size=(1, 2), kernel=(3, 3), stride=1, padding=1, dilation=1,
+         mask="multi", activation="relu"),
+    dict(id="three-positions", n=1, cin=21, cout=11, size=(3,), kernel=(3,), stride=1, padding=1, dilation=1,
+         mask=None, activation="leaky_relu"),
     dict(id="batch-shared-mask", n=2, cin=40, cout=9, size=(2, 2), kernel=(3, 3), stride=1, padding=1, dilation=1,
          mask="batch1", activation=None),
     dict(id="first-image-all-holes", n=2, cin=16, cout=5, size=(2, 2), kernel=(3, 3), stride=1, padding=1,
