@@ -39,20 +39,31 @@ Axis axis(const ConvGeometry& g, int d) {
 }
 
 // out[line][ox] for every input line (depth, height) of one mask plane read through its strides.
+// The taps of output index ox inside the line are [first[ox], last[ox]) (the input coordinate
+// grows with the tap), the same for every line: the sums run over them without a bounds check, in
+// the order of a walk over every tap that skips those outside.
 template <typename acc_t, typename T>
 void width_sums(const T* plane, const int64_t (&strides)[kDims], const ConvGeometry& g, acc_t* out) {
   const Axis w = axis(g, 2);
   const int64_t lines = g.in_size[0] * g.in_size[1];
+  std::vector<int64_t> first(size_t(w.out_extent)), last(size_t(w.out_extent));
+  for (int64_t ox = 0; ox < w.out_extent; ++ox) {
+    int64_t k0 = 0, k1 = w.kernel;
+    while (k0 < k1 && w.coord(ox, k0) < 0) ++k0;
+    while (k1 > k0 && w.coord(ox, k1 - 1) >= w.in_extent) --k1;
+    first[size_t(ox)] = k0, last[size_t(ox)] = k1;
+  }
+  const int64_t step = w.dilation * strides[2];
   at::parallel_for(0, lines, grain(w.out_extent * w.kernel), [&](int64_t begin, int64_t end) {
     for (int64_t line = begin; line < end; ++line) {
       const T* in = plane + (line / g.in_size[1]) * strides[0] + (line % g.in_size[1]) * strides[1];
+      acc_t* row = out + line * w.out_extent;
       for (int64_t ox = 0; ox < w.out_extent; ++ox) {
+        const int64_t k0 = first[size_t(ox)], k1 = last[size_t(ox)];
+        const T* tap = k0 < k1 ? in + w.coord(ox, k0) * strides[2] : in;  // no pointer outside the line
         acc_t sum = acc_t(0);
-        for (int64_t k = 0; k < w.kernel; ++k) {
-          const int64_t ix = w.coord(ox, k);
-          if (ix >= 0 && ix < w.in_extent) sum += acc_t(in[ix * strides[2]]);
-        }
-        out[line * w.out_extent + ox] = sum;
+        for (int64_t k = k0; k < k1; ++k, tap += step) sum += acc_t(*tap);
+        row[ox] = sum;
       }
     }
   });
