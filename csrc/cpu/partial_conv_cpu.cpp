@@ -141,16 +141,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
       check_backward_args<int64_t>(grad_output, input, mask, weight, output, mask_scales_in,
                                    stride, padding, dilation, groups, activation, negative_slope);
   const at::NoGradGuard no_grad;
-  auto [grad_input, grad_weight, grad_bias] = allocate_backward_outputs(input, weight, output_mask);
+  const at::Tensor mask_t = mask.value_or(at::Tensor()), mask_scales = mask_scales_in.contiguous();
+  const CpuPath path = choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kBackward);
+  // The dense path makes grad_input and grad_weight itself (backward_bands).
+  const bool dense = path == CpuPath::kDenseBands && problem.geometry.out_channels > 0;
+  auto [grad_input, grad_weight, grad_bias] = allocate_backward_outputs(
+      input, weight, dense ? std::array<bool, 3>{false, false, output_mask[2]} : output_mask);
   if (problem.geometry.out_channels == 0) {  // no output: every gradient is zero (or empty)
     if (grad_input.defined()) grad_input.zero_();
     return {grad_input, grad_weight, grad_bias};
   }
-  const at::Tensor mask_t = mask.value_or(at::Tensor()), mask_scales = mask_scales_in.contiguous();
   const at::Tensor output_t =
       problem.activation == Activation::kNone ? at::Tensor() : output.value_or(at::Tensor());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_backward_cpu", [&] {
-    switch (choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kBackward)) {
+    switch (path) {
       case CpuPath::kDenseBands:
         return backward_bands<scalar_t>(grad_output, input, mask_t, weight, output_t, mask_scales, problem,
                                         output_mask, grad_input, grad_weight, grad_bias);

@@ -43,6 +43,8 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
                    const at::Tensor& bias, const ForwardProblem& problem, at::Tensor& output,
                    const at::Tensor& mask_scales);
 
+// grad_input and grad_weight are made by backward_bands (undefined on the way in), so that the
+// convolution's own gradients become them without a copy.
 template <typename scalar_t>
 void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mask,
                     const at::Tensor& weight, const at::Tensor& output,
