@@ -294,6 +294,24 @@ bool input_is_bands(const at::Tensor& input, bool unmasked, const std::vector<st
   return input.is_contiguous(layout);
 }
 
+// What the bands are made from: the mask as they read it (none where X*M is X: M is then never
+// read) and whether they are the input itself. One decision for forward, backward and forward_path.
+template <typename scalar_t>
+struct BandSource {
+  StridedTensor<const scalar_t> mask;
+  bool unmasked, input_itself;
+};
+
+template <typename scalar_t, typename acc_t>
+BandSource<scalar_t> band_source(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& mask_scales,
+                                 const std::vector<std::vector<Band>>& plans, const ConvGeometry& g,
+                                 bool channels_last) {
+  const StridedTensor<const scalar_t> given(mask);
+  const bool unmasked = mask_is_ones(given, g, mask_scales);
+  return {unmasked ? StridedTensor<const scalar_t>() : given, unmasked,
+          input_is_bands<scalar_t, acc_t>(input, unmasked, plans, g, channels_last)};
+}
+
 // The input box a band reads, and the convolution's padding for it (the band's shared padding
 // along the band axis, the layer's along the others).
 struct BandInput {
@@ -365,9 +383,9 @@ bool dense_forward_reads_input(const at::Tensor& input, const at::Tensor& mask, 
   bool reads = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dense_forward_reads_input", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool unmasked = mask_is_ones(StridedTensor<const scalar_t>(mask), g, mask_scales);
-    reads = input_is_bands<scalar_t, acc_t>(input, unmasked, plan_all_bands<acc_t>(mask_scales, g), g,
-                                            channels_last_bands(g, mask_scales.scalar_type()));
+    reads = band_source<scalar_t, acc_t>(input, mask, mask_scales, plan_all_bands<acc_t>(mask_scales, g), g,
+                                         channels_last_bands(g, mask_scales.scalar_type()))
+                .input_itself;
   });
   return reads;
 }
@@ -382,9 +400,7 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
   const at::Tensor w = weight.to(options.dtype()).contiguous();
   const at::Tensor b = bias.defined() ? bias.to(options.dtype()).contiguous() : at::Tensor();
   const acc_t* bias_data = b.defined() ? b.const_data_ptr<acc_t>() : nullptr;
-  const StridedTensor<const scalar_t> x(input), given_mask(mask);
-  const bool unmasked = mask_is_ones(given_mask, g, mask_scales);
-  const StridedTensor<const scalar_t> m = unmasked ? StridedTensor<const scalar_t>() : given_mask;  // M never read
+  const StridedTensor<const scalar_t> x(input);
   const StridedTensor<scalar_t> out(output);
   const acc_t slope = acc_t(problem.negative_slope);
   const std::vector<int64_t> stride = real_dims(g, g.stride), dilation = real_dims(g, g.dilation);
@@ -392,13 +408,14 @@ void forward_bands(const at::Tensor& input, const at::Tensor& mask, const at::Te
 
   const bool channels_last = channels_last_bands(g, options.dtype().toScalarType());
   const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
-  const bool from_input = input_is_bands<scalar_t, acc_t>(input, unmasked, plans, g, channels_last);
+  const BandSource<scalar_t> source = band_source<scalar_t, acc_t>(input, mask, mask_scales, plans, g, channels_last);
+  const StridedTensor<const scalar_t>& m = source.mask;
   for (int64_t n = 0, images = 1; n < g.batch; n += images) {
     const std::vector<Band>& bands = plans[size_t(g.mask_batch == 1 ? 0 : n)];
     images = images_in_band(plans, g, n);
     for (const Band& band : bands) {
       const BandInput in = band_input(g, band);
-      const at::Tensor band_in = from_input
+      const at::Tensor band_in = source.input_itself
                                      ? input.narrow(0, n, images)
                                      : masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, channels_last);
       at::Tensor conv = at::convolution(band_in, w, {}, stride, in.padding, dilation, false, no_output_padding,
@@ -468,10 +485,10 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   for (const int64_t s : real_dims(g, g.in_size)) image_shape.push_back(s);
   at::Tensor grad_image;
   const std::vector<std::vector<Band>> plans = plan_all_bands<acc_t>(mask_scales, g);
-  const StridedTensor<const scalar_t> x(input), given_mask(mask), gout(grad_output), z(output);
-  const bool unmasked = mask_is_ones(given_mask, g, mask_scales);
-  const StridedTensor<const scalar_t> m = unmasked ? StridedTensor<const scalar_t>() : given_mask;  // M never read
-  const bool from_input = input_is_bands<scalar_t, acc_t>(input, unmasked, plans, g, /*channels_last=*/false);
+  const StridedTensor<const scalar_t> x(input), gout(grad_output), z(output);
+  const BandSource<scalar_t> source =
+      band_source<scalar_t, acc_t>(input, mask, mask_scales, plans, g, /*channels_last=*/false);
+  const StridedTensor<const scalar_t>& m = source.mask;
   // grad_input and grad_weight come undefined and are made here where the convolution's own
   // gradients cannot be handed over (a deep layer's weight gradient is megabytes: with a second one
   // allocated beforehand only to be dropped, enc6's convolution_backward took 0.5 ms more a call).
@@ -525,7 +542,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       const BandInput in = band_input(g, band);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
-          from_input    ? input.narrow(0, n, images)
+          source.input_itself ? input.narrow(0, n, images)
           : need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, /*channels_last=*/false)
                         : band_tensor(thread_scratch(Scratch::kMaskedBand, images * g.in_channels * in.box.positions(),
                                                      options),
@@ -551,7 +568,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
                                 band_grad_input.is_contiguous(output_memory_format(input));
           const StridedTensor<scalar_t> destination =
               in_place ? StridedTensor<scalar_t>(band_grad_input) : input_gradient();
-          if (!in_place || !unmasked)
+          if (!in_place || !source.unmasked)
             for (int64_t i = 0; i < images; ++i)
               write_masked_grad_input(band_grad_input.data_ptr<acc_t>() + i * g.in_channels * g.in_positions(), m,
                                       destination, g, n + i, /*clear=*/false);

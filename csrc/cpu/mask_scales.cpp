@@ -103,17 +103,27 @@ void plane_window_sums(const T* plane, const int64_t (&strides)[kDims], const Co
   if (depth_pass) axis_sums(current, int64_t(1), g.out_size[1] * g.out_size[2], axis(g, 0), sums);
 }
 
-// S without a mask: the taps inside the input, a product over the dimensions.
+// S without a mask at output position p: the taps inside the input, a product over the
+// dimensions, each dimension's count found once per output index.
+struct UnmaskedSums {
+  std::vector<int64_t> taps[kDims];
+  int64_t extent1, extent2;
+
+  explicit UnmaskedSums(const ConvGeometry& g) : extent1(g.out_size[1]), extent2(g.out_size[2]) {
+    for (int d = 0; d < kDims; ++d)
+      for (int64_t o = 0; o < g.out_size[d]; ++o) taps[d].push_back(axis(g, d).taps_inside(o));
+  }
+  int64_t operator()(int64_t p) const {
+    return taps[0][size_t(p / (extent1 * extent2))] * taps[1][size_t(p / extent2 % extent1)] *
+           taps[2][size_t(p % extent2)];
+  }
+};
+
 template <typename acc_t>
 void unmasked_window_sums(const ConvGeometry& g, acc_t* sums) {
-  const Axis d = axis(g, 0), h = axis(g, 1), w = axis(g, 2);
-  at::parallel_for(0, g.out_positions(), grain(g.kernel[0] + g.kernel[1] + g.kernel[2]),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t ox = p % w.out_extent, oy = p / w.out_extent % h.out_extent;
-      const int64_t od = p / (w.out_extent * h.out_extent);
-      sums[p] = acc_t(d.taps_inside(od) * h.taps_inside(oy) * w.taps_inside(ox));
-    }
+  const UnmaskedSums unmasked(g);
+  at::parallel_for(0, g.out_positions(), grain(4), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) sums[p] = acc_t(unmasked(p));
   });
 }
 
@@ -174,11 +184,8 @@ double valid_fraction(const at::Tensor& mask_scales, const ConvGeometry& g) {
 }
 
 bool scales_of_ones(const at::Tensor& mask_scales, const ConvGeometry& g) {
-  // The taps inside the input of every output index along each dimension.
-  std::vector<int64_t> taps[kDims];
-  for (int d = 0; d < kDims; ++d)
-    for (int64_t o = 0; o < g.out_size[d]; ++o) taps[d].push_back(axis(g, d).taps_inside(o));
-  const int64_t channels = std::max<int64_t>(g.mask_channels, 1);
+  const UnmaskedSums unmasked(g);
+  const int64_t channels = std::max<int64_t>(g.mask_channels, 1), P = g.out_positions();
   bool ones = true;
   AT_DISPATCH_FLOATING_TYPES(mask_scales.scalar_type(), "scales_of_ones", [&] {
     const scalar_t numerator = scalar_t(g.ratio_numerator());
@@ -187,14 +194,11 @@ bool scales_of_ones(const at::Tensor& mask_scales, const ConvGeometry& g) {
     MaskScale<scalar_t> expected{};
     for (int64_t nm = 0; nm < g.mask_batch && ones; ++nm) {
       const ImageScales<scalar_t> scales = image_scales<scalar_t>(mask_scales, g, nm);
-      int64_t p = 0;
-      for (int64_t od = 0; od < g.out_size[0] && ones; ++od)
-        for (int64_t oy = 0; oy < g.out_size[1] && ones; ++oy)
-          for (int64_t ox = 0; ox < g.out_size[2] && ones; ++ox, ++p) {
-            const scalar_t sum = scalar_t(channels * taps[0][size_t(od)] * taps[1][size_t(oy)] * taps[2][size_t(ox)]);
-            if (sum != last_sum) expected = mask_scale(sum, numerator), last_sum = sum;
-            ones = scales.ratio[p] == expected.ratio && scales.update[p] == expected.update;
-          }
+      for (int64_t p = 0; p < P && ones; ++p) {
+        const scalar_t sum = scalar_t(channels * unmasked(p));
+        if (sum != last_sum) expected = mask_scale(sum, numerator), last_sum = sum;
+        ones = scales.ratio[p] == expected.ratio && scales.update[p] == expected.update;
+      }
     }
   });
   return ones;
