@@ -4,6 +4,7 @@
 from the JSON alone."""
 import json
 import math
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -24,9 +25,16 @@ def geometric_mean(values):
 
 
 def speedup(baseline, record):
-    """How many times faster record is than baseline (both records, or None)."""
+    """How many times faster record is than baseline (both records, or None): the median over the
+    timed rounds of baseline's time / record's time in the same round, where both carry their
+    rounds' times (else, in results written before they did, the ratio of their medians). A round
+    runs every contender once, back to back, so a slow spell of the machine, which moves both
+    medians, cancels out of each round's ratio."""
     if not (ok(baseline) and ok(record)):
         return None
+    rounds = list(zip(baseline.get("times_ms") or (), record.get("times_ms") or ()))
+    if rounds and len(rounds) == len(baseline["times_ms"]) == len(record["times_ms"]):
+        return statistics.median(b / r for b, r in rounds)
     return baseline["median_ms"] / record["median_ms"]
 
 
@@ -125,7 +133,7 @@ def _shape(record):
             f"at {record['height']}×{record['width']}{mask}")
 
 
-# Ratio columns: (title, a, b) shows a's median time / b's.
+# Ratio columns: (title, a, b) shows a's time / b's (speedup: the median of the rounds' ratios).
 RATIOS = (("ours vs nvidia", NVIDIA, OURS), ("ours vs seed", SEED, OURS), ("ours / conv2d", OURS, CONV2D))
 
 
@@ -255,8 +263,9 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
                          [[dtype, PASS_TITLES[pass_]] + [_ratio(values[c]) for c in others]
                           for (dtype, pass_), values in means.items()], ["---", "---"] + ["---:"] * len(others))]
     plain = "conv2d" if not suite_summary else "conv1d/2d/3d"
-    lines += ["", f"\"vs X\" = X's median time / ours (above 1: ours is faster); \"vs {plain}\" below 1 means "
-              "ours costs more than a plain convolution of the same shape.", ""]
+    lines += ["", f"\"vs X\" = X's time / ours, the median over the timed rounds of the two times measured in the same "
+              f"round (above 1: ours is faster); \"vs {plain}\" below 1 means ours costs more than a plain "
+              "convolution of the same shape.", ""]
     index = index_records(run["results"])
     for (workload, dtype, pass_), rows in index.items():
         if workload == SUITE:
@@ -299,8 +308,11 @@ def markdown(run, details=True, title="partialconv_cuda speed comparison"):
            if two_d else " (with kd · kh · kw in 3-D and kl in 1-D); mask convolutions are not counted."),
         "",
         "- `ms`: median time of one call, ± half the spread between the 20th and 80th percentiles, "
-        "relative to the median. Each call gets the next of several input sets (together at least twice "
-        "the last-level cache where memory allows), so no contender finds its inputs in cache.",
+        "relative to the median. Contenders run in rounds, one call each, in an order that rotates from "
+        "round to round; each call gets the next of several input sets (together at least twice the "
+        "last-level cache where memory allows), so no call finds its inputs in cache, not even those the "
+        "call before it read. Ratio columns (`vs X`, `X / Y`) are medians of the ratios of the two "
+        "contenders' times within each round.",
         "- `–`: not measured (contender not selected; --quick runs ours_compiled on one layer only).",
         "- `holes`: fraction of hole pixels in the mask the layer gets. In the layer suite every layer "
         "gets the mask it sees inside PConvUNet, propagated from an irregular image mask; deep layers "

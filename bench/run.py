@@ -428,7 +428,7 @@ class Runner:
         """record completed with a Measurement, or marked failed with the exception's text."""
         if not isinstance(outcome, Measurement):
             return dict(record, status="failed", error=_error_text(outcome), median_ms=None, p20_ms=None,
-                        p80_ms=None, repeats=0, tflops=None, gbps=None, peak_mem_mb=None)
+                        p80_ms=None, repeats=0, tflops=None, gbps=None, peak_mem_mb=None, times_ms=None)
         return dict(record, status="ok", error=None, **dataclasses.asdict(outcome),
                     tflops=record["gflop"] / outcome.median_ms,
                     gbps=None if min_bytes is None else min_bytes / outcome.median_ms / 1e6)

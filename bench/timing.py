@@ -55,6 +55,7 @@ class Measurement:
     p80_ms: float
     repeats: int
     peak_mem_mb: float  # or None where it cannot be measured
+    times_ms: list  # one per timed round, in round order (the same rounds for every contender)
 
 
 def rotation_count(set_bytes, cache_bytes, memory_budget_bytes, most=16):
@@ -116,7 +117,11 @@ class Clock:
     def measure(self, calls, policy):
         """Times several calls side by side: warm-up rounds, then timed rounds in which every call
         runs once, in an order that rotates from round to round, so that a slow spell of the
-        machine hits all of them alike; then the peak memory of each (on input set 0).
+        machine hits all of them alike; then the peak memory of each (on input set 0). Each timed
+        call gets the next input set, so that no call finds the inputs the call before it read in
+        cache (with one set for the whole round, each contender ran on the data the one before it
+        had just read: small layers, whose inputs and weights fit in the cache, favoured whichever
+        came second).
 
         calls: {name: call}. Returns {name: Measurement, or the exception the call raised}.
         """
@@ -145,13 +150,13 @@ class Clock:
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]
                 if name in live:
-                    times[name].append(run(name, policy.warmup + r))
+                    times[name].append(run(name, policy.warmup + r * len(names) + k))
         for name, call in list(live.items()):
             quintiles = statistics.quantiles(times[name], n=5, method="inclusive")
             median = statistics.median(times[name])
             # The interpolations round differently: p20 <= median <= p80 exactly, as the report assumes.
             results[name] = Measurement(median, min(quintiles[0], median), max(quintiles[3], median), rounds,
-                                        self.peak_memory_mb(lambda: call(0)))
+                                        self.peak_memory_mb(lambda: call(0)), list(times[name]))
         return results
 
 

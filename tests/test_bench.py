@@ -7,10 +7,10 @@ import torch
 
 import bench.contenders
 from bench import cpu_paths
-from bench.report import multiply_add_check
+from bench.report import multiply_add_check, speedup
 from bench.roofline import floor_ms
 from bench.run import main
-from bench.timing import keep_freed_memory, rotation_count
+from bench.timing import Clock, Policy, keep_freed_memory, rotation_count
 from bench.workloads import SUITE, concatenated_mask, layer_workloads, unet_layer_masks
 from partialconv_cuda.masks import irregular_masks
 from partialconv_cuda.models import PConvUNet
@@ -124,6 +124,31 @@ def test_rotation_covers_twice_the_cache_within_limits():
     assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**34) == 2
     assert rotation_count(set_bytes=2**10, cache_bytes=2**30, memory_budget_bytes=2**34) == 16
     assert rotation_count(set_bytes=2**30, cache_bytes=2**20, memory_budget_bytes=2**29) == 1
+
+
+def test_each_call_of_a_round_gets_its_own_input_set_and_its_time_is_kept():
+    # With one set per round, each contender ran on the inputs and weights the one before it had
+    # just read: enc8's 9.4 MB weight in cache made both partial convolutions 25-30% faster.
+    sets = {"a": [], "b": [], "c": []}
+    calls = {name: (lambda i, name=name: sets[name].append(i)) for name in sets}
+    results = Clock("cpu").measure(calls, Policy(warmup=2, min_repeats=4, repeats=4, max_time_s=1.0))
+    timed = [i for name in sets for i in sets[name][2:-1]]  # after the warm-up, before the peak-memory call
+    assert len(timed) == 12 and len(set(timed)) == 12
+    for name in sets:
+        assert results[name].repeats == 4 and len(results[name].times_ms) == 4
+
+
+def test_speedup_is_the_median_of_the_ratios_within_rounds():
+    def record(times):
+        return {"status": "ok", "median_ms": sorted(times)[len(times) // 2], "times_ms": times}
+
+    # The machine slowed down 3x in the last round; ours ran 2x faster than the baseline in every
+    # round but one, which the medians of each alone (10 / 15) would not show.
+    baseline, ours = record([10, 10, 30]), record([5, 20, 15])
+    assert speedup(baseline, ours) == 2
+    # Results written before the rounds' times were kept: the ratio of the medians.
+    assert speedup({"status": "ok", "median_ms": 3.0}, {"status": "ok", "median_ms": 2.0}) == 1.5
+    assert speedup(baseline, {"status": "failed"}) is None
 
 
 def test_cpu_path_timing_prints_a_row_per_hole_ratio(capsys):
