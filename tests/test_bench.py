@@ -9,7 +9,7 @@ import bench.contenders
 from bench import cpu_paths
 from bench.report import multiply_add_check, speedup
 from bench.roofline import floor_ms
-from bench.run import main
+from bench.run import main, parse_args, resolve_settings
 from bench.timing import Clock, Policy, keep_freed_memory, rotation_count
 from bench.workloads import SUITE, concatenated_mask, layer_workloads, unet_layer_masks
 from partialconv_cuda.masks import irregular_masks
@@ -79,6 +79,20 @@ def test_a_contender_that_cannot_run_is_reported_as_failed(tmp_path, monkeypatch
     assert status[("ours", "fwd")] == ("failed", "NotImplementedError: no kernel for this device")
     assert status[("ours", "fwd+bwd")][0] == "failed"
     assert "NotImplementedError: no kernel for this device" in next(tmp_path.glob("*.md")).read_text()
+
+
+@pytest.mark.parametrize("flags, rounds", [([], 20), (["--quick"], 3), (["--network-rounds", "7"], 7)])
+def test_the_training_step_gets_its_own_fixed_number_of_rounds(flags, rounds):
+    # A 0.6 s step got only the 5 rounds that --max-time allows a layer: too few for its few percent.
+    settings, _ = resolve_settings(parse_args(["--device", "cpu", "--suite", "unet2d", *flags]))
+    assert settings.network_policy.min_repeats == settings.network_policy.repeats == rounds
+    assert settings.network_policy.warmup == settings.policy.warmup
+    assert settings.policy.repeats == (3 if "--quick" in flags else 10)  # the layers' own policy is unchanged
+
+
+def test_too_few_network_rounds_are_refused():
+    with pytest.raises(SystemExit, match="--network-rounds"):
+        resolve_settings(parse_args(["--device", "cpu", "--network-rounds", "1"]))
 
 
 def test_allocator_is_set_to_keep_freed_memory_on_glibc():
