@@ -94,7 +94,8 @@ def parse_args(argv):
     parser.add_argument("--passes", default=f"{FWD},{FWD_BWD}", help="default %(default)s")
     parser.add_argument("--no-network", action="store_true", help="unet2d: skip the whole-network training step")
     parser.add_argument("--network-rounds", type=int,
-                        help="unet2d: timed rounds of the training step (default 20; 3 with --quick)")
+                        help="unet2d: fewest timed rounds of the training step (default 20; 3 with --quick); "
+                        "more where --repeats and --max-time allow")
     parser.add_argument("--repeats", type=int, help="most timed calls per contender (default: 50 GPU, 10 CPU)")
     parser.add_argument("--min-repeats", type=int, help="fewest timed calls, however slow (default: 10 GPU, 5 CPU)")
     parser.add_argument("--max-time", type=float,
@@ -125,7 +126,7 @@ class Settings:
     passes: list
     network: bool
     policy: Policy
-    network_policy: Policy  # the training step's: a fixed number of rounds (network_rounds in resolve_settings)
+    network_policy: Policy  # the training step's: at least network_rounds rounds (resolve_settings)
     most_input_sets: int
     compiled_layers: list  # suite layers that ours_compiled runs on (all of them but in --quick)
     threads: int
@@ -186,7 +187,8 @@ def resolve_settings(args):
     network_rounds = args.network_rounds or (3 if args.quick else 20)
     if network_rounds < 2:
         raise SystemExit("python -m bench: expected --network-rounds >= 2 (a spread needs 2 timings)")
-    network_policy = dataclasses.replace(policy, min_repeats=network_rounds, repeats=network_rounds)
+    network_policy = dataclasses.replace(policy, min_repeats=max(policy.min_repeats, network_rounds),
+                                         repeats=max(policy.repeats, network_rounds))
     sizes, video, speech = {}, {}, {}
     kind = "quick" if args.quick else "gpu" if gpu else "cpu"
     for name in dtype_names:

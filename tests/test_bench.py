@@ -81,13 +81,15 @@ def test_a_contender_that_cannot_run_is_reported_as_failed(tmp_path, monkeypatch
     assert "NotImplementedError: no kernel for this device" in next(tmp_path.glob("*.md")).read_text()
 
 
-@pytest.mark.parametrize("flags, rounds", [([], 20), (["--quick"], 3), (["--network-rounds", "7"], 7)])
-def test_the_training_step_gets_its_own_fixed_number_of_rounds(flags, rounds):
+@pytest.mark.parametrize("flags, fewest, most", [([], 20, 20), (["--quick"], 3, 3), (["--network-rounds", "7"], 7, 10),
+                                                 (["--repeats", "40"], 20, 40)])
+def test_the_training_step_gets_at_least_its_own_number_of_rounds(flags, fewest, most):
     # A 0.6 s step got only the 5 rounds that --max-time allows a layer: too few for its few percent.
     settings, _ = resolve_settings(parse_args(["--device", "cpu", "--suite", "unet2d", *flags]))
-    assert settings.network_policy.min_repeats == settings.network_policy.repeats == rounds
+    assert (settings.network_policy.min_repeats, settings.network_policy.repeats) == (fewest, most)
     assert settings.network_policy.warmup == settings.policy.warmup
-    assert settings.policy.repeats == (3 if "--quick" in flags else 10)  # the layers' own policy is unchanged
+    # the layers' own policy is unchanged
+    assert settings.policy.min_repeats == (3 if "--quick" in flags else 5)
 
 
 def test_too_few_network_rounds_are_refused():
