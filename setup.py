@@ -10,6 +10,7 @@ Environment:
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def check_arch_list(arch_list):
         )
 
 
-def write_build_info(with_cuda, arch_list):
+def write_build_info(with_cuda, arch_list, with_openmp):
     """Records what this build is, so that importing it under another torch fails clearly."""
     info = ROOT / "partialconv_cuda" / "_build_info.py"
     info.write_text(
@@ -86,7 +87,20 @@ def write_build_info(with_cuda, arch_list):
         f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_ARCH_LIST = {arch_list!r}\n"
+        f"WITH_OPENMP = {with_openmp!r}\n"
     )
+
+
+def openmp_flags():
+    """(compile flags, link flags) that let at::parallel_for use torch's OpenMP threads. ATen's
+    OpenMP parallel_for is header code behind #ifdef _OPENMP: compiled without OpenMP, every
+    parallel loop of the CPU kernels runs on the calling thread alone. Empty where torch has no
+    OpenMP, or on macOS (Apple's clang has no -fopenmp; the loops run on one thread there)."""
+    if not torch._C.has_openmp or sys.platform == "darwin":
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    return ["-fopenmp"], ["-fopenmp"]
 
 
 def extension():
@@ -94,7 +108,8 @@ def extension():
     sources = sorted(str(p.relative_to(ROOT)) for pattern in ("*.cpp", "*/*.cpp") for p in (ROOT / "csrc").glob(pattern))
     # -fno-trapping-math lets g++ vectorise the branchy elementwise loops (masking, epilogue);
     # the kernels never rely on floating-point exceptions.
-    cxx_flags = ["-O3", "-fno-trapping-math"]
+    openmp_compile, openmp_link = openmp_flags()
+    cxx_flags = ["-O3", "-fno-trapping-math"] + openmp_compile
     arch_list = None
     if with_cuda:
         nvcc = check_cuda_versions()
@@ -113,12 +128,15 @@ def extension():
                 # -Xptxas -v prints registers, spills and shared memory of every kernel.
                 "nvcc": ["-O3", "-lineinfo", "-Xptxas=-v"],
             },
+            extra_link_args=openmp_link,
         )
     else:
         print(f"partialconv_cuda: building CPU kernels only ({why})")
-        ext = CppExtension("partialconv_cuda._C", sources, extra_compile_args={"cxx": cxx_flags})
-    print(f"partialconv_cuda: torch {torch.__version__}, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset (ninja default)')}")
-    write_build_info(with_cuda, arch_list)
+        ext = CppExtension("partialconv_cuda._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=openmp_link)
+    print(f"partialconv_cuda: torch {torch.__version__}, MAX_JOBS={os.environ.get('MAX_JOBS', 'unset (ninja default)')}, "
+          f"CPU loops {'on torch OpenMP threads (' + ' '.join(openmp_compile) + ')' if openmp_compile else 'on one thread (no OpenMP)'}")
+    write_build_info(with_cuda, arch_list, bool(openmp_compile))
     return ext
 
 

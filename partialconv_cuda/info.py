@@ -48,7 +48,8 @@ def summary():
             lines.append(f"GPU {index}: {torch.cuda.get_device_name(index)} (sm_{major}{minor})")
     else:
         lines.append("GPU: none visible (CUDA ops cannot run here)")
-    lines.append(f"CPU threads: {torch.get_num_threads()}")
+    threads = "torch's OpenMP threads" if getattr(build_info, "WITH_OPENMP", False) else "one thread (built without OpenMP)"
+    lines.append(f"CPU threads: {torch.get_num_threads()}; the CPU kernels' own loops run on {threads}")
     return "\n".join(lines)
 
 
