@@ -253,7 +253,7 @@ void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar
 // request of its thread and dtype up to kMostScratchElements (larger requests get a buffer of
 // their own, freed after the call) and is held until the thread exits; a slot's contents are
 // valid until its next request on the same thread, so a caller must not keep them past its call.
-enum class Scratch { kMaskedBand, kGradConv, kChannelRows, kCount };
+enum class Scratch { kMaskedBand, kGradConv, kGradConvChannelsLast, kChannelRows, kCount };
 constexpr int64_t kMostScratchElements = int64_t(1) << 24;
 
 inline at::Tensor thread_scratch(Scratch slot, int64_t elements, const at::TensorOptions& options) {

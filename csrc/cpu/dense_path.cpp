@@ -357,6 +357,38 @@ int64_t scales_offset(const ConvGeometry& g, const Box& box, int64_t line) {
   return (box.depth(line) * g.out_size[1] + box.height(line)) * g.out_size[2] + box.lo[2];
 }
 
+// grad_input of image n = M * grad (d(X*M)/dX = M; a hole gets exactly 0), from the image's
+// gradient `grad` laid out channels-last (each position's C_in values together, as oneDNN's data
+// gradient comes), into gin's layout. A line of positions at a time: its width * C_in values are
+// transposed into per-channel rows in this thread's scratch (a few tens of kB, in cache), then
+// each channel's row is multiplied by M and written out.
+template <typename scalar_t, typename acc_t>
+void write_masked_grad_input_from_positions(const acc_t* grad, const StridedTensor<const scalar_t>& m,
+                                            const StridedTensor<scalar_t>& gin, const ConvGeometry& g,
+                                            int64_t n, const at::TensorOptions& options) {
+  const int64_t C = g.in_channels, lines = g.in_size[0] * g.in_size[1], width = g.in_size[2];
+  at::parallel_for(0, lines, grain(width * C), [&](int64_t begin, int64_t end) {
+    acc_t* rows = thread_scratch(Scratch::kChannelRows, C * width, options).data_ptr<acc_t>();
+    for (int64_t line = begin; line < end; ++line) {
+      const int64_t d = line / g.in_size[1], h = line % g.in_size[1];
+      // rows[c * width + w] = grad[(line * width + w) * C + c]: the (width x C) block transposed.
+      transpose_rows_to_positions(grad + line * width * C, C, width, C, rows);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* values = rows + c * width;
+        const scalar_t* mask = mask_line(m, g, n, c, d, h);
+        scalar_t* out = gin.line(n, c, d, h);
+        if (gin.s[4] == 1 && mask != nullptr && m.s[4] == 1) {  // the usual case: a loop g++ vectorises
+          for (int64_t w = 0; w < width; ++w) out[w] = static_cast<scalar_t>(masked_value(values[w], acc_t(mask[w])));
+        } else {
+          for (int64_t w = 0; w < width; ++w)
+            out[w * gin.s[4]] =
+                static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // oneDNN (torch 2.14's, AVX2) convolves a float32 input faster channels-last than channels-first
@@ -376,6 +408,21 @@ bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype) {
   const int64_t fewest_in_channels = g.spatial_dims == 2 ? 16 : 64;
   return band_dtype == at::kFloat && g.groups == 1 && g.spatial_dims >= 2 && g.taps() > 1 &&
          g.out_channels <= 32 && g.in_channels >= fewest_in_channels;
+}
+
+// Whether backward asks oneDNN for grad_input channels-last, in a call of its own (grad_weight
+// stays channels-first: 1.3-3x slower channels-last). For a strided convolution oneDNN's data
+// gradient (its brgemm strided kernel, on this AVX2 CPU) comes channels-last either way; asked
+// channels-first, ATen turns it channels-first with a generic strided copy (1.5 ms of enc3's 24
+// ms backward; stride-1 layers get it channels-first, no copy). Asked channels-last, the copy is
+// our M pass's, which transposes as it multiplies (write_masked_grad_input_from_positions). That
+// call also needs the weight channels-last (one more copy of it) and grad_output channels-last: it
+// pays where grad_input is large beside the weight (PConvUNet's enc2 and enc3 forward + backward
+// 2-3% faster; enc4-enc6, whose weights are 4-30x their inputs, lose; bench/NOTES.md).
+bool channels_last_input_gradient(const ConvGeometry& g, at::ScalarType band_dtype) {
+  const bool strided = g.stride[1] > 1 || g.stride[2] > 1;
+  return band_dtype == at::kFloat && g.groups == 1 && g.spatial_dims == 2 && g.taps() > 1 && strided &&
+         2 * g.in_positions() >= g.out_channels * g.taps();
 }
 
 bool dense_forward_reads_input(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& mask_scales,
@@ -474,6 +521,7 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
   const auto [need_input, need_weight, need_bias] = output_mask;
   const int a = band_axis(g);
   const at::TensorOptions options = acc_options(input);
+  const at::ScalarType band_dtype = options.dtype().toScalarType();
   const at::Tensor w = weight.to(options.dtype()).contiguous();
   // The bands' weight gradients summed: the first band's own tensor, the later ones added to it
   // (no zero-filled accumulator: the deep layers' weights are megabytes and their images tiny).
@@ -540,16 +588,41 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
       });
       if (!need_input && !need_weight) continue;
       const BandInput in = band_input(g, band);
+      const bool whole_images = bands.size() == 1 && in.box.lo[a] == 0 && in.box.hi[a] == g.in_size[a];
+      const bool input_gradient_channels_last = need_input && whole_images && channels_last_input_gradient(g, band_dtype);
       // The band's masked input feeds grad_weight; grad_input only needs its shape.
       const at::Tensor band_in =
           source.input_itself ? input.narrow(0, n, images)
           : need_weight ? masked_band<scalar_t, acc_t>(x, m, g, n, images, in.box, options, /*channels_last=*/false)
                         : band_tensor(thread_scratch(Scratch::kMaskedBand, images * g.in_channels * in.box.positions(),
                                                      options),
-                                      g, images, g.in_channels, in.box, /*channels_last=*/false);
-      const auto [band_grad_input, band_grad_weight, unused] = at::convolution_backward(
+                                      g, images, g.in_channels, in.box, /*channels_last=*/input_gradient_channels_last);
+      const auto [band_grad_input_first, band_grad_weight, unused] = at::convolution_backward(
           grad_conv, band_in, w, std::nullopt, stride, in.padding, dilation, false,
-          no_output_padding, g.groups, {need_input, need_weight, false});
+          no_output_padding, g.groups, {need_input && !input_gradient_channels_last, need_weight, false});
+      at::Tensor band_grad_input = band_grad_input_first;
+      if (input_gradient_channels_last) {
+        // grad_output (scaled) and the weight channels-last; the input only lends its shape.
+        const at::Tensor grad_conv_last = band_tensor(
+            thread_scratch(Scratch::kGradConvChannelsLast, images * per_image, options), g, images,
+            g.out_channels, box, /*channels_last=*/true);
+        acc_t* grad_conv_last_data = grad_conv_last.data_ptr<acc_t>();
+        const int64_t positions = box.positions();
+        at::parallel_for(0, images * positions, grain(g.out_channels), [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin / positions; i * positions < end; ++i) {
+            const int64_t p0 = std::max(begin - i * positions, int64_t(0));
+            const int64_t p1 = std::min(end - i * positions, positions);
+            transpose_rows_to_positions(grad_conv_data + i * per_image + p0, positions, g.out_channels, p1 - p0,
+                                        grad_conv_last_data + i * per_image + p0 * g.out_channels);
+          }
+        });
+        const at::Tensor shape_only =
+            need_weight ? at::empty(band_in.sizes(), options.memory_format(at::MemoryFormat::ChannelsLast))
+                        : band_in;
+        band_grad_input = std::get<0>(at::convolution_backward(
+            grad_conv_last, shape_only, w.contiguous(at::MemoryFormat::ChannelsLast), std::nullopt, stride,
+            in.padding, dilation, false, no_output_padding, g.groups, {true, false, false}));
+      }
       if (need_weight) {
         if (grad_weight_sum.defined())
           grad_weight_sum.add_(band_grad_weight);
@@ -557,8 +630,15 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
           grad_weight_sum = band_grad_weight;
       }
       if (need_input) {
-        if (bands.size() == 1 && in.box.lo[a] == 0 && in.box.hi[a] == g.in_size[a] &&
-            band_grad_input.is_contiguous()) {
+        if (input_gradient_channels_last && band_grad_input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+          written_directly = true;
+          const StridedTensor<scalar_t> destination = input_gradient();
+          for (int64_t i = 0; i < images; ++i)
+            write_masked_grad_input_from_positions(band_grad_input.data_ptr<acc_t>() + i * g.in_channels * g.in_positions(),
+                                                   m, destination, g, n + i, options);
+          continue;
+        }
+        if (whole_images && band_grad_input.is_contiguous()) {
           // One band over whole images: its gradient is theirs; M applied, written directly. Where
           // the band is the whole batch in grad_input's dtype and layout, M is applied in place
           // (not at all where M is ones) and the band's gradient becomes grad_input.

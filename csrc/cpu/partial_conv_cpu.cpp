@@ -105,8 +105,13 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
           : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; the packed path is ",
                      "taken below ", kForwardPackedBelowValidFraction * 100, "% forward, ",
                      kBackwardPackedBelowValidFraction * 100, "% backward");
-  return c10::str("cpu: ", path_name(forward), band_source, " (backward: ",
-                  path_name(choose_path(g, valid, Pass::kBackward)), "; ", why, ")");
+  const CpuPath backward = choose_path(g, valid, Pass::kBackward);
+  const char* input_gradient_layout =
+      backward == CpuPath::kDenseBands && channels_last_input_gradient(g, mask_scales.scalar_type())
+          ? " with grad_input computed channels-last where a band is whole images"
+          : "";
+  return c10::str("cpu: ", path_name(forward), band_source, " (backward: ", path_name(backward),
+                  input_gradient_layout, "; ", why, ")");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(

@@ -33,6 +33,10 @@ void backward_packed(const at::Tensor& grad_output, const at::Tensor& input, con
 // (dense_path.cpp states the measurements).
 bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype);
 
+// Whether the dense backward has oneDNN make grad_input channels-last, for bands of dtype
+// band_dtype (dense_path.cpp states the measurements).
+bool channels_last_input_gradient(const ConvGeometry& g, at::ScalarType band_dtype);
+
 // Whether the dense forward convolves the input as it is, with no masked copy (no mask or a mask
 // of ones, whole images in the bands' dtype and layout; dense_path.cpp's input_is_bands).
 bool dense_forward_reads_input(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& mask_scales,
