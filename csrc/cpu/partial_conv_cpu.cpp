@@ -40,6 +40,22 @@ bool few_positions(const ConvGeometry& g) {
   return g.batch <= kMostFewPositionsImages && g.batch * g.out_positions() <= kFewPositions;
 }
 
+// Whether the whole batch has at most kSmallOutputPositions output positions of a 2-D float32 (or
+// float16 / bfloat16: computed in float32) convolution that ATen runs through oneDNN (ATen's
+// use_mkldnn takes it for a batch above 1 or more than 20480 input elements; below that it takes
+// the same im2col + GEMM as the packed path): then the packed path beats the dense path whatever
+// the holes. oneDNN runs these shapes (8x8 or 4x4 outputs of hundreds of channels) far from this
+// CPU's peak. Measured in process on 2 AMD EPYC cores, PConvUNet at 256x256, batch 1, 30% holes
+// (the layers see none), packed against dense: enc5 (64 positions) 1.22x forward, 1.43x forward +
+// backward; enc6 (16) 1.26x, 1.42x; dec6 (64) 1.13x, 1.14x; but dec7 (16, 16384 input elements,
+// ATen's im2col) 0.90x, 0.98x, and enc4 / dec5 (256 positions) 0.79-0.81x (bench/NOTES.md).
+constexpr int64_t kSmallOutputPositions = 64;
+bool small_output_through_onednn(const ConvGeometry& g, at::ScalarType dtype) {
+  return dtype != at::kDouble && g.spatial_dims == 2 && g.groups == 1 && g.taps() > 1 &&
+         g.batch * g.out_positions() <= kSmallOutputPositions &&
+         (g.batch > 1 || g.in_channels * g.in_positions() > 20480);
+}
+
 // kVendor, the CUDA vendor path's device-generic code, runs only when forced: it is here so that
 // machines without a GPU test that code.
 enum class CpuPath { kDenseBands, kPackedPositions, kVendor };
@@ -65,12 +81,12 @@ const char* forced_path() {
   return forced;
 }
 
-CpuPath choose_path(const ConvGeometry& g, double valid, Pass pass) {
+CpuPath choose_path(const ConvGeometry& g, at::ScalarType dtype, double valid, Pass pass) {
   if (const char* forced = forced_path()) {
     const std::string_view name(forced);
     return name == "dense" ? CpuPath::kDenseBands : name == "packed" ? CpuPath::kPackedPositions : CpuPath::kVendor;
   }
-  if (few_positions(g)) return CpuPath::kPackedPositions;
+  if (few_positions(g) || small_output_through_onednn(g, dtype)) return CpuPath::kPackedPositions;
   const double threshold =
       pass == Pass::kForward ? kForwardPackedBelowValidFraction : kBackwardPackedBelowValidFraction;
   return valid < threshold ? CpuPath::kPackedPositions : CpuPath::kDenseBands;
@@ -88,7 +104,7 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
   const ConvGeometry& g = problem.geometry;
   const double valid = valid_fraction(mask_scales, g);
   const char* forced = forced_path();
-  const CpuPath forward = choose_path(g, valid, Pass::kForward);
+  const CpuPath forward = choose_path(g, input.scalar_type(), valid, Pass::kForward);
   // The dense forward's bands: the input itself, or copies channels-last (see channels_last_bands).
   const bool dense = forward == CpuPath::kDenseBands;
   const char* band_source =
@@ -102,10 +118,13 @@ std::string forward_path_cpu(const at::Tensor& input, const std::optional<at::Te
           ? c10::str(g.batch * g.out_positions(), " output positions in ", g.batch, " image(s), at most ",
                      kFewPositions, " in ", kMostFewPositionsImages, ": the packed path with its own few-positions ",
                      "GEMM kernels")
+      : small_output_through_onednn(g, input.scalar_type())
+          ? c10::str(g.batch * g.out_positions(), " output positions in ", g.batch, " image(s), at most ",
+                     kSmallOutputPositions, ", which ATen's convolution would run through oneDNN: the packed path")
           : c10::str(int64_t(valid * 1000) / 10.0, "% of output positions see a valid pixel; the packed path is ",
                      "taken below ", kForwardPackedBelowValidFraction * 100, "% forward, ",
                      kBackwardPackedBelowValidFraction * 100, "% backward");
-  const CpuPath backward = choose_path(g, valid, Pass::kBackward);
+  const CpuPath backward = choose_path(g, input.scalar_type(), valid, Pass::kBackward);
   const char* input_gradient_layout =
       backward == CpuPath::kDenseBands && channels_last_input_gradient(g, mask_scales.scalar_type())
           ? " with grad_input computed channels-last where a band is whole images"
@@ -127,7 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "partial_conv_forward_cpu", [&] {
     compute_mask_scales<scalar_t>(mask_t, problem.geometry, mask_scales, updated_mask);
     if (output.numel() == 0) return;
-    switch (choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kForward)) {
+    switch (choose_path(problem.geometry, input.scalar_type(), valid_fraction(mask_scales, problem.geometry),
+                        Pass::kForward)) {
       case CpuPath::kDenseBands: return forward_bands<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
       case CpuPath::kPackedPositions: return forward_packed<scalar_t>(input, mask_t, weight, bias_t, problem, output, mask_scales);
       case CpuPath::kVendor: return vendor::forward(vendor::aten_passes(), input, mask_t, weight, bias_t, problem, mask_scales, output);
@@ -147,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> partial_conv_backward_cpu(
                                    stride, padding, dilation, groups, activation, negative_slope);
   const at::NoGradGuard no_grad;
   const at::Tensor mask_t = mask.value_or(at::Tensor()), mask_scales = mask_scales_in.contiguous();
-  const CpuPath path = choose_path(problem.geometry, valid_fraction(mask_scales, problem.geometry), Pass::kBackward);
+  const CpuPath path = choose_path(problem.geometry, input.scalar_type(),
+                                   valid_fraction(mask_scales, problem.geometry), Pass::kBackward);
   // The dense path makes grad_input and grad_weight itself (backward_bands).
   const bool dense = path == CpuPath::kDenseBands && problem.geometry.out_channels > 0;
   auto [grad_input, grad_weight, grad_bias] = allocate_backward_outputs(
