@@ -9,7 +9,8 @@
 // images already laid out as the band, the input itself is the band (no copy).
 // Backward goes through at::convolution_backward band by band. Bands are copied channels-first
 // or channels-last, whichever oneDNN convolves faster for the layer's shape (channels_last_bands;
-// forward only).
+// forward only); a strided layer's input gradient may be made channels-last in a call of its own
+// (channels_last_input_gradient).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
