@@ -217,6 +217,20 @@ const scalar_t* mask_line(const StridedTensor<const scalar_t>& m, const ConvGeom
   return m.line(g.mask_batch == 1 ? 0 : n, g.multi_channel_mask() ? c : 0, d, h);
 }
 
+// out[w * out_stride] = M * values[w] for `count` positions of a line, M read at mask_stride (no
+// mask: the values themselves); a hole gets exactly 0.
+template <typename scalar_t, typename acc_t>
+void write_masked_line(const acc_t* values, const scalar_t* mask, int64_t mask_stride, scalar_t* out,
+                       int64_t out_stride, int64_t count) {
+  if (out_stride == 1 && mask != nullptr && mask_stride == 1) {  // the usual case: a loop g++ vectorises
+    for (int64_t w = 0; w < count; ++w) out[w] = static_cast<scalar_t>(masked_value(values[w], acc_t(mask[w])));
+    return;
+  }
+  for (int64_t w = 0; w < count; ++w)
+    out[w * out_stride] =
+        static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * mask_stride])) : values[w]);
+}
+
 // grad_input of image n = M * grad_image (d(X*M)/dX = M; a hole gets exactly 0). grad_image (C_in
 // planes of the input's positions) is left zeroed for the next image when `clear` is set. gin may
 // be grad_image itself (the product written in place).
@@ -233,14 +247,7 @@ void write_masked_grad_input(acc_t* grad_image, const StridedTensor<const scalar
         const int64_t d = line / g.in_size[1], h = line % g.in_size[1], count = run * width;
         acc_t* values = grad_image + (c * lines + line) * width;
         const scalar_t* mask = mask_line(m, g, n, c, d, h);
-        scalar_t* out = gin.line(n, c, d, h);
-        if (gin.s[4] == 1 && mask != nullptr && m.s[4] == 1) {  // the usual case: a loop g++ vectorises
-          for (int64_t w = 0; w < count; ++w) out[w] = static_cast<scalar_t>(masked_value(values[w], acc_t(mask[w])));
-        } else {
-          for (int64_t w = 0; w < count; ++w)
-            out[w * gin.s[4]] =
-                static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
-        }
+        write_masked_line(values, mask, m.s[4], gin.line(n, c, d, h), gin.s[4], count);
         if (clear) std::fill(values, values + count, acc_t(0));
       }
     }

@@ -374,18 +374,9 @@ void write_masked_grad_input_from_positions(const acc_t* grad, const StridedTens
       const int64_t d = line / g.in_size[1], h = line % g.in_size[1];
       // rows[c * width + w] = grad[(line * width + w) * C + c]: the (width x C) block transposed.
       transpose_rows_to_positions(grad + line * width * C, C, width, C, rows);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* values = rows + c * width;
-        const scalar_t* mask = mask_line(m, g, n, c, d, h);
-        scalar_t* out = gin.line(n, c, d, h);
-        if (gin.s[4] == 1 && mask != nullptr && m.s[4] == 1) {  // the usual case: a loop g++ vectorises
-          for (int64_t w = 0; w < width; ++w) out[w] = static_cast<scalar_t>(masked_value(values[w], acc_t(mask[w])));
-        } else {
-          for (int64_t w = 0; w < width; ++w)
-            out[w * gin.s[4]] =
-                static_cast<scalar_t>(mask ? masked_value(values[w], acc_t(mask[w * m.s[4]])) : values[w]);
-        }
-      }
+      for (int64_t c = 0; c < C; ++c)
+        write_masked_line(rows + c * width, mask_line(m, g, n, c, d, h), m.s[4], gin.line(n, c, d, h), gin.s[4],
+                          width);
     }
   });
 }
