@@ -1,7 +1,7 @@
 """The dense CPU backward's channels-last input gradient (dense_path.cpp, channels_last_input_gradient):
-for a strided 2-D convolution (float32/float16/bfloat16) whose grad_input is large beside the
-weight, oneDNN makes grad_input channels-last in a call of its own and our M pass transposes it to
-grad_input's layout. Each case
+for a strided 2-D convolution (float32/float16/bfloat16) that ATen runs through oneDNN and whose
+grad_input is large beside the weight, oneDNN makes grad_input channels-last in a call of its own
+and our M pass transposes it to grad_input's layout. Each case
 checks that forward_path reports that backward, then every result against the float64 reference."""
 import pytest
 import torch
@@ -61,7 +61,8 @@ def test_input_gradient_alone_matches_the_reference(monkeypatch):
 @pytest.mark.parametrize("dtype, cin, cout, size, kernel, stride", [
     (torch.float64, 8, 12, (20, 24), (3, 3), 2),  # not oneDNN's dtype
     (torch.float32, 64, 256, (8, 8), (3, 3), 2),  # weight 8x the input: channels-first stays faster
-    (torch.float32, 8, 12, (20, 24), (3, 3), 1),  # stride 1: oneDNN's gradient comes channels-first
+    (torch.float32, 64, 12, (20, 24), (3, 3), 1),  # stride 1: oneDNN's gradient comes channels-first
+    (torch.float32, 8, 12, (20, 24), (3, 3), 2),  # one image of 3840 elements: ATen's im2col, no oneDNN
 ])
 def test_channels_first_input_gradient_where_it_does_not_pay(dtype, cin, cout, size, kernel, stride):
     x, m, w, _ = random_problem(n=1, cin=cin, cout=cout, size=size, kernel=kernel, dtype=dtype)

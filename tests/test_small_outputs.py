@@ -1,7 +1,7 @@
 """The CPU path choice for small outputs (partial_conv_cpu.cpp, small_output_through_onednn): a 2-D
 float32 / float16 / bfloat16 batch of at most 64 output positions that ATen's convolution would run
-through oneDNN (a batch above 1, or more than 20480 input elements) takes the packed path whatever
-its holes; forward_path says so, and the results match the float64 reference."""
+through oneDNN (a batch above 1, a kernel above 3x3, or more than 20480 input elements) takes the
+packed path whatever its holes; forward_path says so, and the results match the float64 reference."""
 import pytest
 import torch
 from conftest import check_case_against_reference, random_problem
@@ -23,6 +23,7 @@ CASES = {
     "no-holes-leaky": _case(mask=None, activation="leaky_relu"),
     "multi-mask-64-positions": _case(cin=350, size=(8, 8), stride=1, mask="multi"),
     "batch-of-small-images": _case(n=3, cin=16, size=(4, 4), stride=1),  # 3 x 16 positions, 768 elements
+    "kernel-5x5-small-input": _case(cin=16, kernel=(5, 5), padding=2),  # 1024 elements, but a 5x5 kernel
     "image-of-holes": _case(n=2, holes_in_image=0),
     "bfloat16": _case(dtype=torch.bfloat16),
 }

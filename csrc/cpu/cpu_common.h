@@ -33,6 +33,14 @@ inline int64_t grain(int64_t work_per_item) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether ATen's CPU convolution of a float32 2-D problem of this shape runs through oneDNN rather
+// than ATen's own im2col + GEMM: ATen's use_mkldnn (torch 2.14) takes groups, a kernel above 3x3 in
+// both dimensions, a batch above 1, or more than 20480 input elements.
+inline bool aten_convolves_through_onednn(const ConvGeometry& g) {
+  return g.groups > 1 || (g.kernel[1] > 3 && g.kernel[2] > 3) || g.batch > 1 ||
+         g.in_channels * g.in_positions() > 20480;
+}
+
 // A 3-D, 4-D or 5-D tensor read through its strides as (n, c, depth, height, width), so that
 // expanded, sliced and channels_last tensors need no copy; absent leading spatial dimensions have
 // size 1 and stride 0.

@@ -410,11 +410,12 @@ bool channels_last_bands(const ConvGeometry& g, at::ScalarType band_dtype) {
 // our M pass's, which transposes as it multiplies (write_masked_grad_input_from_positions). That
 // call also needs the weight channels-last (one more copy of it) and grad_output channels-last: it
 // pays where grad_input is large beside the weight (PConvUNet's enc2 and enc3 forward + backward
-// 2-3% faster; enc4-enc6, whose weights are 4-30x their inputs, lose; bench/NOTES.md).
+// 2-3% faster; enc4-enc6, whose weights are 4-30x their inputs, lose; bench/NOTES.md), and only
+// where ATen gives the convolution to oneDNN at all.
 bool channels_last_input_gradient(const ConvGeometry& g, at::ScalarType band_dtype) {
   const bool strided = g.stride[1] > 1 || g.stride[2] > 1;
   return band_dtype == at::kFloat && g.groups == 1 && g.spatial_dims == 2 && g.taps() > 1 && strided &&
-         2 * g.in_positions() >= g.out_channels * g.taps();
+         2 * g.in_positions() >= g.out_channels * g.taps() && aten_convolves_through_onednn(g);
 }
 
 bool dense_forward_reads_input(const at::Tensor& input, const at::Tensor& mask, const at::Tensor& mask_scales,
@@ -609,8 +610,9 @@ void backward_bands(const at::Tensor& grad_output, const at::Tensor& input, cons
           }
         });
         const at::Tensor shape_only =
-            need_weight ? at::empty(band_in.sizes(), options.memory_format(at::MemoryFormat::ChannelsLast))
-                        : band_in;
+            band_in.is_contiguous(at::MemoryFormat::ChannelsLast)
+                ? band_in
+                : at::empty(band_in.sizes(), options.memory_format(at::MemoryFormat::ChannelsLast));
         band_grad_input = std::get<0>(at::convolution_backward(
             grad_conv_last, shape_only, w.contiguous(at::MemoryFormat::ChannelsLast), std::nullopt, stride,
             in.padding, dilation, false, no_output_padding, g.groups, {true, false, false}));

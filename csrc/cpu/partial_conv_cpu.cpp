@@ -13,6 +13,7 @@
 
 #include "../partial_conv.h"
 #include "../vendor_path.h"
+#include "cpu_common.h"
 #include "few_positions_gemm.h"
 #include "mask_scales.h"
 #include "paths.h"
@@ -41,10 +42,9 @@ bool few_positions(const ConvGeometry& g) {
 }
 
 // Whether the whole batch has at most kSmallOutputPositions output positions of a 2-D float32 (or
-// float16 / bfloat16: computed in float32) convolution that ATen runs through oneDNN (ATen's
-// use_mkldnn takes it for a batch above 1 or more than 20480 input elements; below that it takes
-// the same im2col + GEMM as the packed path): then the packed path beats the dense path whatever
-// the holes. oneDNN runs these shapes (8x8 or 4x4 outputs of hundreds of channels) far from this
+// float16 / bfloat16: computed in float32) convolution that ATen runs through oneDNN (otherwise it
+// takes the same im2col + GEMM as the packed path): then the packed path beats the dense path
+// whatever the holes. oneDNN runs these shapes (8x8 or 4x4 outputs of hundreds of channels) far from this
 // CPU's peak. Measured in process on 2 AMD EPYC cores, PConvUNet at 256x256, batch 1, 30% holes
 // (the layers see none), packed against dense: enc5 (64 positions) 1.22x forward, 1.43x forward +
 // backward; enc6 (16) 1.26x, 1.42x; dec6 (64) 1.13x, 1.14x; but dec7 (16, 16384 input elements,
@@ -52,8 +52,7 @@ bool few_positions(const ConvGeometry& g) {
 constexpr int64_t kSmallOutputPositions = 64;
 bool small_output_through_onednn(const ConvGeometry& g, at::ScalarType dtype) {
   return dtype != at::kDouble && g.spatial_dims == 2 && g.groups == 1 && g.taps() > 1 &&
-         g.batch * g.out_positions() <= kSmallOutputPositions &&
-         (g.batch > 1 || g.in_channels * g.in_positions() > 20480);
+         g.batch * g.out_positions() <= kSmallOutputPositions && aten_convolves_through_onednn(g);
 }
 
 // kVendor, the CUDA vendor path's device-generic code, runs only when forced: it is here so that
